@@ -1,0 +1,373 @@
+"""Typed view of params.yaml: one frozen dataclass per section, parsed once at the edge.
+
+``load_params(path)`` reads the file and checks every key against these dataclasses: a missing
+key, an unknown key (usually a typo) or a value of the wrong type raises ``ConfigError`` with the
+dotted key name, e.g. ``params.yaml: train.lr must be a number, got 'fast'``. Library functions take
+these objects (or plain arguments) and never open params.yaml themselves.
+
+Every field has a default, so a section may list only the keys it changes; the shipped
+params.yaml spells every key out so that DVC can track each one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from diffusion.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """The built-in shapes dataset (diffusion.shapes)."""
+
+    seed: int = 0
+    image_size: int = 16  # px; 16 is what a 2-core CPU can learn well in ~10 minutes
+    n_train: int = 20000
+    n_val: int = 2000
+    supersample: int = 8  # render at image_size*supersample, then area-downsample (anti-aliasing)
+    background: list[int] = field(default_factory=lambda: [245, 245, 245])
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    colors: dict[str, list[int]] = field(
+        default_factory=lambda: {
+            "red": [220, 38, 38],
+            "green": [34, 160, 60],
+            "blue": [40, 80, 220],
+            "yellow": [235, 200, 20],
+            "purple": [140, 50, 190],
+            "orange": [245, 130, 20],
+        }
+    )
+    # shape extent as a fraction of the image side
+    sizes: dict[str, float] = field(default_factory=lambda: {"small": 0.36, "large": 0.58})
+    # horizontal centre as a fraction of the image width
+    positions: dict[str, float] = field(
+        default_factory=lambda: {"left": 0.32, "center": 0.5, "right": 0.68}
+    )
+    jitter: float = 0.03  # uniform +- jitter of the centre (fraction of the side), both axes
+    # attribute combinations that never appear in the training split (only in val / evaluation)
+    holdout: list[dict[str, str]] = field(
+        default_factory=lambda: [
+            {"color": "red", "shape": "triangle"},
+            {"color": "green", "shape": "circle"},
+            {"color": "blue", "shape": "square"},
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    source: str = "builtin"
+    samples_per_shard: int = 5000
+    image_format: str = "png"  # png keeps the built-in colours exact; jpg/webp for photos
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    model: str = "ViT-S-32-alt"  # any open_clip architecture with a CLIP text transformer
+    pretrained: Optional[str] = None  # null: seeded random init; a tag (laion2b_s34b_b79k) or a file
+    seed: int = 0  # seed of the random initialisation when pretrained is null
+    layer: str = "last"  # per-token states: "last" or "penultimate" (both after ln_final)
+    batch_size: int = 256
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    seed: int = 0
+    n_images: int = 20000  # rendered from every combination (the judge is a measuring instrument)
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 2.0e-3
+    width: int = 32
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    channels: int = 48  # width at the first (space-to-depth) level
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    blocks_per_level: int = 1
+    attn_levels: list[int] = field(default_factory=lambda: [1, 2])  # levels with self+cross attn
+    heads: int = 4
+    patch: int = 2  # space-to-depth fold before the first conv (2: 2x2 pixels -> 12 channels)
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA with bf16 autocast when present, else CPU fp32
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1.0e-3
+    lr_schedule: str = "cosine"  # cosine | constant (both after linear warmup)
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1  # caption dropout for classifier-free guidance
+    # objective: the seed's DDPM (linear betas, epsilon prediction, MSE) ...
+    timesteps: int = 1000
+    beta_min: float = 1.0e-4
+    beta_max: float = 0.02
+    prediction: str = "eps"  # eps | v
+    # ... with min-SNR-gamma loss weighting (Hang et al. 2023); "none" is the plain MSE
+    loss_weighting: str = "min_snr"
+    min_snr_gamma: float = 5.0
+    shuffle_buffer: int = 2000
+    data_workers: int = 1  # 1: decode shards in a separate process beside the training step; 0: inline
+    checkpoint_every: int = 500
+    log_every: int = 50
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    unet: UNetConfig = field(default_factory=UNetConfig)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "ddim"  # ddim | ddpm (ancestral, eta=1)
+    steps: int = 20
+    eta: float = 0.0  # ddim only: 0 deterministic, 1 = DDPM posterior noise
+    guidance_scale: float = 4.0
+    per_combo: int = 4  # evaluation images per attribute combination
+    seed: int = 0
+    batch_size: int = 256
+    device: str = "auto"
+    grid_size: int = 24  # images in the sample grid PNG
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str = "t2i-shapes"
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI in the environment wins
+    experiment: str = "t2i-shapes"
+
+
+@dataclass(frozen=True)
+class Params:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
+# Values restricted to a fixed set, checked after typing.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "ingest.source": ("builtin",),
+    "ingest.image_format": ("png", "jpg", "webp"),
+    "embed.layer": ("last", "penultimate"),
+    "train.lr_schedule": ("cosine", "constant"),
+    "train.prediction": ("eps", "v"),
+    "train.loss_weighting": ("none", "min_snr"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "embed.device": ("auto", "cpu", "cuda"),
+    "judge.device": ("auto", "cpu", "cuda"),
+    "sample.device": ("auto", "cpu", "cuda"),
+    "sample.sampler": ("ddim", "ddpm"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return str(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the type hint ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    bad = ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        k_tp, v_tp = typing.get_args(tp)
+        return {_coerce(k, k_tp, key): _coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module
+
+
+def _build(cls: type, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        dotted = ", ".join(f"{prefix}.{k}" if prefix else str(k) for k in unknown)
+        raise ConfigError(f"unknown key {dotted} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name in known:
+        if name in data:
+            key = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], key)
+            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+                raise ConfigError(
+                    f"{key} must be one of {', '.join(CHOICES[key])}, got {kwargs[name]!r}"
+                )
+    return cls(**kwargs)
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    """Build ``Params`` from an already-loaded mapping; errors are prefixed with ``source``."""
+    try:
+        params = _build(Params, data, "")
+        _validate(params)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return params
+
+
+def load_params(path: str | Path, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (plus ``section.key=value`` overrides) into a checked ``Params``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return parse_params(data, source=str(path))
+
+
+def _validate(p: Params) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    d = p.dataset
+    if d.image_size < 8 or d.image_size % 4:
+        raise ConfigError(f"dataset.image_size must be a multiple of 4 and >= 8, got {d.image_size}")
+    for name, rgb in list(d.colors.items()) + [("background", d.background)]:
+        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+            raise ConfigError(f"dataset colour {name} must be three values in 0..255, got {rgb}")
+    for s in d.shapes:
+        if s not in ("circle", "square", "triangle", "diamond", "cross"):
+            raise ConfigError(f"dataset.shapes: unknown shape {s!r} (circle, square, triangle, diamond, cross)")
+    attrs = {"shape": set(d.shapes), "color": set(d.colors), "size": set(d.sizes), "position": set(d.positions)}
+    for i, combo in enumerate(d.holdout):
+        for k, v in combo.items():
+            if k not in attrs:
+                raise ConfigError(f"dataset.holdout[{i}]: unknown attribute {k!r} ({', '.join(attrs)})")
+            if v not in attrs[k]:
+                raise ConfigError(f"dataset.holdout[{i}]: {k} {v!r} is not one of {sorted(attrs[k])}")
+    combos = itertools.product(d.shapes, d.colors, d.sizes, d.positions)
+    names = ("shape", "color", "size", "position")
+    if all(any(all(dict(zip(names, c))[k] == v for k, v in h.items()) for h in d.holdout) for c in combos):
+        raise ConfigError("dataset.holdout removes every combination from the training split")
+    for key, value in [
+        ("dataset.n_train", d.n_train), ("dataset.n_val", d.n_val),
+        ("ingest.samples_per_shard", p.ingest.samples_per_shard),
+        ("train.steps", p.train.steps), ("train.batch_size", p.train.batch_size),
+        ("judge.steps", p.judge.steps), ("sample.steps", p.sample.steps),
+        ("sample.per_combo", p.sample.per_combo), ("embed.batch_size", p.embed.batch_size),
+    ]:
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    t = p.train
+    if not 0 < t.beta_min < t.beta_max < 1:
+        raise ConfigError(f"train.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0 <= t.cond_dropout < 1:
+        raise ConfigError(f"train.cond_dropout must be in [0, 1), got {t.cond_dropout}")
+    if p.sample.steps > t.timesteps:
+        raise ConfigError(f"sample.steps ({p.sample.steps}) cannot exceed train.timesteps ({t.timesteps})")
+    u = t.unet
+    n_levels = len(u.channel_mult)
+    if any(not 0 <= lvl < n_levels for lvl in u.attn_levels):
+        raise ConfigError(f"train.unet.attn_levels must index channel_mult (0..{n_levels - 1})")
+    if (d.image_size // u.patch) % (2 ** (n_levels - 1)):
+        raise ConfigError(
+            f"dataset.image_size/patch ({d.image_size}/{u.patch}) must be divisible by "
+            f"2^(len(channel_mult)-1) = {2 ** (n_levels - 1)}"
+        )
+    for mult in u.channel_mult:
+        if (u.channels * mult) % u.heads or (u.channels * mult) % 8:
+            raise ConfigError("train.unet: every level width must divide by heads and by 8 (GroupNorm)")
+
+
+def to_dict(obj: Any) -> dict:
+    """A params section as a plain dict (for MLflow params and checkpoints)."""
+    return dataclasses.asdict(obj)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and leaves are kept as values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,113 @@
+"""MLflow wiring: where runs go, and a ``TrainLogger`` that writes to an MLflow run.
+
+The default store is a SQLite file in the project (``sqlite:///mlflow.db``) with artifacts in
+``mlartifacts/`` beside it; ``MLFLOW_TRACKING_URI`` in the environment replaces the store (a
+tracking server, for example) without any other change.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+from diffusion.config import MlflowConfig
+
+RUN_FILE = "run.json"
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+
+
+def setup(cfg: MlflowConfig) -> str:
+    """Point MLflow at the store and experiment; returns the experiment id."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        # keep artifacts next to the database, as an absolute URI any later process can open
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        artifact_location = (db.parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+
+
+class MlflowLogger:
+    """TrainLogger that logs metrics and images to the active MLflow run."""
+
+    def __init__(self) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append((step, float(v)))
+
+    def log_image(self, image: Image.Image, name: str) -> None:
+        self.mlflow.log_image(image, name)
+
+    def loss_curve(self) -> Image.Image | None:
+        """The loss curve as a PNG image (matplotlib, no display needed)."""
+        points = self.history.get("loss")
+        if not points:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        steps, values = zip(*points)
+        ax.plot(steps, values)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def write_run_file(out_dir: str | Path, run, uri: str) -> None:
+    info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri}
+    (Path(out_dir) / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_run_file(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Nested metrics -> {'adherence.seen.all': 0.9, ...}, dropping NaNs and non-numbers."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_metrics(v, key + "."))
+        elif isinstance(v, (int, float)) and v == v:
+            out[key] = float(v)
+    return out
+
+
+def log_artifact_bytes(data: bytes, name: str) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / name
+        p.write_bytes(data)
+        mlflow.log_artifact(str(p))

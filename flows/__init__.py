@@ -1,0 +1,1 @@
+"""Prefect flows: thin wrappers over diffusion.stages (orchestration, retries, logging only)."""

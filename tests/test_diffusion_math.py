@@ -1,0 +1,171 @@
+"""Schedules, preconditioning, loss and samplers, checked against analytic oracles."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion.config import UNetConfig
+from diffusion.loss import diffusion_loss
+from diffusion.model import Cond, UNet
+from diffusion.precond import Denoiser, GuidedDenoiser
+from diffusion.samplers import ancestral_step, initial_noise, sample_ancestral
+from diffusion.schedules import ddpm_sigmas, linear_betas, sampling_sigmas, sigma_to_t
+
+BETAS = linear_betas(1000, 1e-4, 0.02)
+SIGMAS = ddpm_sigmas(BETAS)
+
+
+def test_ddpm_sigmas_match_alphabar():
+    alphabar = torch.cumprod(1 - BETAS, 0)
+    assert torch.allclose(1 / (1 + SIGMAS**2), alphabar)
+    assert (SIGMAS[1:] > SIGMAS[:-1]).all()
+    assert SIGMAS[0] == pytest.approx(math.sqrt(1e-4 / (1 - 1e-4)))
+    assert 150 < SIGMAS[-1] < 160  # alphabar_T ~ 4e-5 for the seed's schedule
+
+
+@pytest.mark.parametrize("steps", [1, 2, 20, 50, 1000])
+def test_sampling_sigmas_properties(steps):
+    s = sampling_sigmas(SIGMAS, steps)
+    assert len(s) == steps + 1
+    assert s[0] == SIGMAS[-1] and s[-1] == 0
+    assert (s[1:] < s[:-1]).all()
+    if steps > 1:
+        assert s[-2] == SIGMAS[0]
+    if steps == 1000:
+        assert torch.equal(s[:-1], SIGMAS.flip(0))
+
+
+def test_sigma_to_t_inverts_the_table():
+    t = torch.tensor([0, 1, 10, 500, 999])
+    assert torch.allclose(sigma_to_t(SIGMAS[t], SIGMAS), t.double(), atol=1e-6)
+    mid = (SIGMAS[10].log() + SIGMAS[11].log()).div(2).exp()
+    assert sigma_to_t(mid[None], SIGMAS).item() == pytest.approx(10.5, abs=1e-3)
+
+
+def test_eta_one_step_is_the_ddpm_posterior():
+    """sigma_up / sigma_down at eta=1 reproduce the DDPM posterior q(x_{t-1} | x_t, x0)."""
+    for t in (1, 10, 500, 999):
+        sigma, sigma_next = SIGMAS[t].item(), SIGMAS[t - 1].item()
+        down, up = ancestral_step(sigma, sigma_next, 1.0)
+        ab, ab_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+        beta = BETAS[t].item()
+        beta_tilde = (1 - ab_prev) / (1 - ab) * beta  # Ho et al. eq. 7
+        # VE noise scale -> VP: multiply by sqrt(alphabar_{t-1})
+        assert up * math.sqrt(ab_prev) == pytest.approx(math.sqrt(beta_tilde), rel=1e-6)
+        # posterior mean coefficient on eps: sqrt(1 - ab_prev - beta_tilde) in VP units
+        assert down * math.sqrt(ab_prev) == pytest.approx(math.sqrt(1 - ab_prev - beta_tilde), rel=1e-6)
+    assert ancestral_step(2.0, 1.0, 0.0) == (1.0, 0.0)
+
+
+class GaussianOracle(torch.nn.Module):
+    """Ideal denoiser for data ~ N(0, s^2): D(x, sigma) = x s^2 / (s^2 + sigma^2)."""
+
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, x, sigma, cond=None):
+        return x * self.s**2 / (self.s**2 + sigma.double() ** 2)
+
+
+def _oracle_samples(s, steps, eta):
+    sigmas = sampling_sigmas(SIGMAS, steps)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    x = initial_noise(gens, (1,), float(sigmas[0]), torch.device("cpu")).double()
+    g = torch.Generator().manual_seed(0)
+    out = sample_ancestral(GaussianOracle(s), x, sigmas, eta=eta,
+                           noise_fn=lambda: torch.randn(x.shape, generator=g, dtype=x.dtype))
+    return out, sigmas
+
+
+def test_ddim_step_matches_its_closed_form_on_gaussian_data():
+    """For N(0, s^2) data each DDIM step scales x by (s^2 + sigma sigma') / (s^2 + sigma^2)."""
+    s = 0.5
+    out, sigmas = _oracle_samples(s, 50, 0.0)
+    sig = sigmas.tolist()
+    expected = (1 + sig[0] ** 2) ** 0.5
+    for a, b in zip(sig[:-1], sig[1:]):
+        expected *= (s**2 + a * b) / (s**2 + a**2)
+    assert out.std().item() == pytest.approx(expected, rel=0.03)
+
+
+@pytest.mark.parametrize("eta, steps", [(0.0, 1000), (1.0, 1000), (1.0, 100)])
+def test_samplers_turn_noise_into_the_data_distribution(eta, steps):
+    s = 0.5
+    out, _ = _oracle_samples(s, steps, eta)
+    assert out.std().item() == pytest.approx(s, rel=0.05)
+    assert abs(out.mean().item()) < 0.05
+
+
+def tiny_denoiser(prediction="eps"):
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(channels=16, channel_mult=[1, 2], attn_levels=[1], heads=2), text_dim=8, pooled_dim=8)
+    return Denoiser(net, prediction=prediction)
+
+
+def cond(b, length=3):
+    return Cond(torch.randn(b, length, 8), torch.ones(b, length, dtype=torch.bool), torch.randn(b, 8))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_precond_identities(prediction):
+    d = tiny_denoiser(prediction)
+    x = torch.randn(2, 3, 16, 16)
+    c_skip, c_out, c_in = d.scalings(torch.tensor([1e-4]))
+    assert c_skip.item() == pytest.approx(1, abs=1e-6) and abs(c_out.item()) < 1e-3  # D(x, sigma->0) -> x
+    # a randomly initialised net with a zero output layer predicts eps = 0 / v = 0
+    out = d(x, torch.tensor(3.0), cond(2))
+    expected = x if prediction == "eps" else x / 10
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+def test_loss_shape_and_it_goes_down_on_a_fixed_batch(weighting):
+    d = tiny_denoiser()
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    c = cond(8)
+    gen = torch.Generator().manual_seed(0)
+    first = diffusion_loss(d, x0, c, weighting=weighting, generator=gen)
+    assert first.shape == (8,) and torch.isfinite(first).all()
+    opt = torch.optim.Adam(d.parameters(), lr=2e-3)
+
+    def eval_loss():
+        g = torch.Generator().manual_seed(1)
+        return torch.stack([diffusion_loss(d, x0, c, weighting=weighting, generator=g).mean() for _ in range(8)]).mean()
+
+    with torch.no_grad():
+        before = eval_loss()
+    for _ in range(50):
+        loss = diffusion_loss(d, x0, c, weighting=weighting, generator=gen).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        assert eval_loss() < 0.8 * before
+
+
+def test_loss_equals_epsilon_mse():
+    """The denoiser-space loss is exactly the seed's ||eps_hat - eps||^2 objective."""
+    d = tiny_denoiser()
+    torch.nn.init.normal_(d.net.out.weight, std=0.1)  # a non-trivial eps prediction
+    x0 = torch.rand(4, 3, 16, 16)
+    c = cond(4)
+    loss = diffusion_loss(d, x0, c, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t = torch.randint(0, 1000, (4,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    sigma = d.sigmas[t].float()
+    x_vp = (x0 + sigma[:, None, None, None] * eps) / (1 + sigma[:, None, None, None] ** 2).sqrt()
+    eps_hat = d.net(x_vp, t.float(), c)
+    torch.testing.assert_close(loss, ((eps_hat - eps) ** 2).mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_guidance_scale_one_is_the_conditional_denoiser_and_zero_the_unconditional():
+    d = tiny_denoiser()
+    torch.nn.init.normal_(d.net.out.weight, std=0.1)
+    x = torch.randn(2, 3, 16, 16)
+    c, u = cond(2), cond(2)
+    sigma = torch.tensor(2.0)
+    torch.testing.assert_close(GuidedDenoiser(d, c, u, 1.0)(x, sigma), d(x, sigma, c))
+    torch.testing.assert_close(GuidedDenoiser(d, c, u, 0.0)(x, sigma), d(x, sigma, u), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,38 @@
+"""`prefect deployment run 'train-flow/default' --watch` against a real local server and worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import copy_project
+from e2e_helpers import BIN, init_repo, run
+
+pytestmark = pytest.mark.e2e
+
+
+def test_deployment_runs_the_pipeline_and_registers(tmp_path, prefect_server):
+    project = copy_project(tmp_path / "project")
+    env = {**prefect_server.env}
+    init_repo(project, env)
+    prefect = str(BIN / "prefect")
+    run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], project, env)
+    run([prefect, "--no-prompt", "deploy", "--all"], project, env)
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "local", "--limit", "1"], cwd=project,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        r = run([prefect, "deployment", "run", "train-flow/default", "--watch"], project, env, timeout=900)
+        assert "Completed" in r.stdout, r.stdout
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        log.close()
+    reg = json.loads((project / "reports/registered_model.json").read_text())
+    assert reg["uri"] == "models:/t2i-shapes/1"
+    assert (project / "data/samples/grid.png").is_file()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"ingest", "embed", "judge", "train", "sample", "evaluate", "register"}
