@@ -3,11 +3,11 @@
 A sample is one key with three members:
     <key>.png|jpg|webp   the image (RGB)
     <key>.txt            the caption, UTF-8
-    <key>.json           metadata: source, original size, content hash, caption id, attributes
+    <key>.json           metadata: source, original size, content hash, caption id, ...
 
-``ShardSink`` writes ``<split>/shard-000000.tar, ...`` through ``webdataset.TarWriter``. Each shard is
-written under a temporary name and renamed when complete, so a killed run never leaves a
-truncated shard that looks finished. Reading goes through ``webdataset`` too (``iter_samples``).
+``ShardWriter`` writes them through ``webdataset.TarWriter``, each shard under a temporary name
+renamed when complete, so a killed run never leaves a truncated shard that looks finished.
+Reading goes through ``webdataset`` too (``iter_samples``).
 """
 
 from __future__ import annotations
@@ -47,84 +47,67 @@ def encode_image(image: Image.Image, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-class ShardSink:
-    """Writes samples of one split into size-bounded tar shards, atomically, and indexes them.
+# Fixed tar member mtime: the same samples always make byte-identical shards (a resumed run
+# reproduces an uninterrupted one exactly).
+SHARD_MTIME = 946684800  # 2000-01-01T00:00:00Z
 
-    Use as a context manager; ``close()`` finishes the last shard and writes
-    ``index-<split>.parquet`` next to the split's directory.
+
+class ShardWriter:
+    """Writes samples into ``<dir>/<prefix>-00.tar``, ``-01.tar``, ... atomically.
+
+    A part rolls over after ``max_count`` samples or once it holds ``max_bytes``. Each part is
+    written as ``.<name>.tmp`` and renamed when complete, so a killed run never leaves a
+    truncated shard under a shard's name.
     """
 
-    def __init__(self, root: str | Path, split: str, samples_per_shard: int, image_format: str = "png"):
-        self.root = Path(root)
-        self.split = split
-        self.dir = self.root / split
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.samples_per_shard = samples_per_shard
-        self.image_format = image_format
-        self.rows: list[dict] = []
-        self.shards: list[str] = []
+    def __init__(self, directory: str | Path, prefix: str, max_count: int, max_bytes: int = 1 << 62):
+        self.dir = Path(directory)
+        self.prefix, self.max_count, self.max_bytes = prefix, max_count, max_bytes
+        self.parts: list[dict] = []  # {"name", "samples", "bytes"} of finished parts
         self._writer: wds.TarWriter | None = None
         self._tmp: Path | None = None
-        self._final: Path | None = None
-        self._count = 0
+        self._name = ""
+        self._count = self._bytes = 0
 
     def _open(self) -> None:
-        name = f"shard-{len(self.shards):06d}.tar"
-        self._final = self.dir / name
-        self._tmp = self.dir / f".{name}.tmp"
-        self._writer = wds.TarWriter(str(self._tmp))
-        self._count = 0
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._name = f"{self.prefix}-{len(self.parts):02d}.tar"
+        self._tmp = self.dir / f".{self._name}.tmp"
+        self._writer = wds.TarWriter(str(self._tmp), mtime=SHARD_MTIME, user="t2i", group="t2i")
+        self._count = self._bytes = 0
 
     def _finish(self) -> None:
         if self._writer is None:
             return
         self._writer.close()
-        os.replace(self._tmp, self._final)  # atomic: a shard is either complete or absent
-        self.shards.append(self._final.name)
+        os.replace(self._tmp, self.dir / self._name)  # atomic: complete or absent
+        self.parts.append({"name": self._name, "samples": self._count, "bytes": (self.dir / self._name).stat().st_size})
         self._writer = None
 
-    def write(self, key: str, image: Image.Image, caption: str, meta: dict) -> None:
+    def write(self, key: str, ext: str, image: bytes, caption: str, meta: dict) -> str:
+        """Add one sample; returns the name of the shard it went into."""
         if self._writer is None:
             self._open()
-        data = encode_image(image, self.image_format)
-        meta = {
-            **meta,
-            "width": image.width,
-            "height": image.height,
-            "sha256": hashlib.sha256(image.tobytes()).hexdigest(),
-            "caption_id": caption_id(caption),
-        }
-        self._writer.write({"__key__": key, self.image_format: data, "txt": caption, "json": meta})
-        self.rows.append(
-            {"key": key, "shard": f"{self.split}/{self._final.name}", "caption": caption,
-             "caption_id": meta["caption_id"], "meta": json.dumps(meta, sort_keys=True)}
-        )
+        members = {ext: image, "txt": caption.encode("utf-8"), "json": json.dumps(meta).encode("utf-8")}
+        self._writer.write({"__key__": key, **members})
+        # bytes on disk: a 512-byte header per member, data padded to 512-byte blocks
+        self._bytes += sum(512 + -(-len(v) // 512) * 512 for v in members.values())
         self._count += 1
-        if self._count >= self.samples_per_shard:
+        name = self._name
+        if self._count >= self.max_count or self._bytes >= self.max_bytes:
             self._finish()
+        return name
 
-    def close(self) -> Path:
+    def close(self) -> list[dict]:
         self._finish()
-        index = self.root / f"index-{self.split}.parquet"
-        table = pa.Table.from_pylist(
-            self.rows,
-            schema=pa.schema([("key", pa.string()), ("shard", pa.string()), ("caption", pa.string()),
-                              ("caption_id", pa.string()), ("meta", pa.string())]),
-        )
-        tmp = index.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, index)
-        return index
+        return self.parts
 
-    def __enter__(self) -> "ShardSink":
-        return self
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.close()
-        elif self._writer is not None:  # leave no half-written shard behind
+    def abort(self) -> None:
+        """Drop the part being written (after an error)."""
+        if self._writer is not None:
             self._writer.close()
             self._tmp.unlink(missing_ok=True)
+            self._writer = None
 
 
 # --------------------------------------------------------------------------------------------
