@@ -161,6 +161,18 @@ def build_denoiser(unet: UNetConfig, text_dim: int, pooled_dim: int, cfg: TrainC
     return Denoiser(net, cfg.timesteps, cfg.beta_min, cfg.beta_max, cfg.prediction)
 
 
+def code_fingerprint() -> str:
+    """Hash of the modules that define the model and its training: a checkpoint written by other
+    code is not resumed."""
+    import hashlib
+
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in ("train.py", "model.py", "precond.py", "loss.py", "schedules.py"):
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     # 1) linear warmup from 0
     if step < cfg.warmup_steps:
@@ -241,13 +253,15 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     gen = torch.Generator().manual_seed(cfg.seed)  # caption dropout and noise draws (on CPU)
     stream = ShardStream(shard_urls, cfg.seed, cfg.shuffle_buffer)
     step = 0
-    run_meta = {"train": to_dict(cfg), "text_dim": text_dim, "pooled_dim": pooled_dim, "image_size": image_size,
+    run_meta = {"train": to_dict(cfg), "code": code_fingerprint(), "text_dim": text_dim, "pooled_dim": pooled_dim, "image_size": image_size,
                 "text_fingerprint": table.fingerprint, "text_fingerprint_id": fingerprint_id(table.fingerprint)}
 
     ckpt_path = out / CHECKPOINT
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["meta"] == run_meta:
+        if ckpt["step"] >= cfg.steps:
+            print(f"{ckpt_path} is a finished run: training anew")
+        elif ckpt["meta"] == run_meta:
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["optimizer"])
