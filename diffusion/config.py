@@ -66,10 +66,46 @@ class DatasetConfig:
 
 
 @dataclass(frozen=True)
+class DownloadConfig:
+    """HTTP fetching for URL sources (diffusion.ingest.download)."""
+
+    timeout: float = 10.0  # seconds, per connect and per read
+    retries: int = 2  # extra attempts after a timeout, a connection error, 429 or 5xx
+    backoff: float = 0.5  # seconds before the first retry; doubles each time
+    max_bytes: int = 20_000_000  # responses larger than this are dropped (byte_cap)
+    concurrency: int = 32  # downloads in flight per worker
+    user_agent: str = "t2i-diffusion/0.1 (+https://github.com/t2i-diffusion)"
+    # X-Robots-Tag directives that opt an image out (img2dataset's defaults); [] disables the check
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+
+
+@dataclass(frozen=True)
 class IngestConfig:
-    source: str = "builtin"
-    samples_per_shard: int = 5000
+    source: str = "builtin"  # builtin | folder | table | webdataset | urls
+    path: Optional[str] = None  # folder root, table file, shard URL(s)/glob, or URL list; unused by builtin
+    caption_column: str = "caption"  # table/urls: caption column; folder/webdataset: caption field in .json
+    image_column: str = "image"  # table: image bytes ({bytes, path} struct or binary) or a path/URL string
+    url_column: str = "url"  # urls: the URL column
+    image_size: int = 256  # output side (external sources; the built-in set renders at dataset.image_size)
+    resize_mode: str = "center_crop"  # center_crop | pad | keep_ratio (largest side = image_size)
+    min_size: int = 64  # shorter side below this (before resizing): too_small
+    max_aspect_ratio: float = 3.0  # longer/shorter side above this: aspect_ratio
+    max_pixels: int = 89_478_485  # width*height above this: too_large (Pillow's bomb limit)
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])  # transparency and padding
     image_format: str = "png"  # png keeps the built-in colours exact; jpg/webp for photos
+    quality: int = 95  # jpg/webp
+    caption_max_chars: int = 512
+    caption_errors: str = "replace"  # non-UTF-8 caption bytes: replace (U+FFFD) or reject (bad_encoding)
+    keep_empty_captions: bool = False  # true: keep them (unconditional training); false: empty_caption
+    dedupe: bool = True  # drop exact duplicates of the decoded, resized image (duplicate)
+    val_fraction: float = 0.05  # external sources: share of keys (by hash) that go to val
+    samples_per_shard: int = 5000  # input items per work unit; a unit writes one shard per split
+    max_shard_bytes: int = 1_000_000_000  # a unit's shard rolls over to a new part beyond this
+    workers: int = 2  # work units processed in parallel
+    task_runner: str = "threads"  # threads | processes (Prefect task runner of the ingest flow)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
 
 
 @dataclass(frozen=True)
@@ -139,7 +175,8 @@ class SampleConfig:
     steps: int = 20
     eta: float = 0.0  # ddim only: 0 deterministic, 1 = DDPM posterior noise
     guidance_scale: float = 4.0
-    per_combo: int = 4  # evaluation images per attribute combination
+    per_combo: int = 4  # evaluation images per attribute combination (built-in set)
+    n_prompts: int = 256  # other sources: this many validation captions
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
@@ -171,8 +208,11 @@ class Params:
 
 # Values restricted to a fixed set, checked after typing.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "ingest.source": ("builtin",),
+    "ingest.source": ("builtin", "folder", "table", "webdataset", "urls"),
     "ingest.image_format": ("png", "jpg", "webp"),
+    "ingest.resize_mode": ("center_crop", "pad", "keep_ratio"),
+    "ingest.caption_errors": ("replace", "reject"),
+    "ingest.task_runner": ("threads", "processes"),
     "embed.layer": ("last", "penultimate"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.prediction": ("eps", "v"),
@@ -346,9 +386,11 @@ def _validate(p: Params) -> None:
     n_levels = len(u.channel_mult)
     if any(not 0 <= lvl < n_levels for lvl in u.attn_levels):
         raise ConfigError(f"train.unet.attn_levels must index channel_mult (0..{n_levels - 1})")
-    if (d.image_size // u.patch) % (2 ** (n_levels - 1)):
+    size_key, size = ("dataset.image_size", d.image_size) if p.ingest.source == "builtin" else \
+        ("ingest.image_size", p.ingest.image_size)
+    if size % u.patch or (size // u.patch) % (2 ** (n_levels - 1)):
         raise ConfigError(
-            f"dataset.image_size/patch ({d.image_size}/{u.patch}) must be divisible by "
+            f"{size_key}/patch ({size}/{u.patch}) must be divisible by "
             f"2^(len(channel_mult)-1) = {2 ** (n_levels - 1)}"
         )
     for mult in u.channel_mult:

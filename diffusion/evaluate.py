@@ -27,12 +27,16 @@ def evaluate_samples(samples_dir: str | Path, judge_dir: str | Path) -> dict:
         raise MissingInputError(f"sample manifest not found at {samples / MANIFEST} (run the sample stage first)")
     judge, info = load_judge(judge_dir)
     rows = pq.read_table(samples / MANIFEST).to_pylist()
+    first = rows[0]
+    sampling = {k: first[k] for k in ("sampler", "steps", "guidance_scale", "eta")}
+    if judge is None:
+        return {"adherence": None, "judge": None, "note": info["reason"], "samples": len(rows), "sampling": sampling}
     images = np.stack([np.asarray(Image.open(samples / r["file"]).convert("RGB")) for r in rows])
     truth = labels_from_metas(rows, info["vocab"])
     held_out = np.array([bool(r["held_out"]) for r in rows])
-    first = rows[0]
     return {
         "adherence": score(predict(judge, images), truth, held_out),
         "judge": info["val"],
-        "sampling": {k: first[k] for k in ("sampler", "steps", "guidance_scale", "eta")},
+        "samples": len(rows),
+        "sampling": sampling,
     }

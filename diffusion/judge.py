@@ -118,11 +118,20 @@ def save_judge(model: JudgeNet, vocab: dict, width: int, image_size: int, metric
                                                 "val": metrics}, indent=2) + "\n")
 
 
-def load_judge(directory: str | Path, device: str = "cpu") -> tuple[JudgeNet, dict]:
+def save_not_applicable(out_dir: str | Path, reason: str) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "judge.json").write_text(json.dumps({"applicable": False, "reason": reason}, indent=2) + "\n")
+
+
+def load_judge(directory: str | Path, device: str = "cpu") -> tuple[JudgeNet | None, dict]:
+    """(model, info); model is None where the judge does not apply (info["reason"] says why)."""
     d = Path(directory)
-    if not (d / "judge.safetensors").is_file():
+    if not (d / "judge.json").is_file():
         raise MissingInputError(f"judge not found at {d} (run the judge stage first)")
     info = json.loads((d / "judge.json").read_text())
+    if info.get("applicable") is False:
+        return None, info
     model = JudgeNet(info["vocab"], info["width"])
     model.load_state_dict(load_file(str(d / "judge.safetensors")))
     return model.to(device).eval(), info

@@ -22,17 +22,25 @@ def settings_of(cfg: SampleConfig) -> SamplerSettings:
     return SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance_scale, cfg.batch_size)
 
 
-def sample_eval_set(denoiser: Denoiser, meta: dict, encoder: TextEncoder, dataset: DatasetConfig,
-                    cfg: SampleConfig, out_dir: str | Path, progress: bool = True) -> Path:
-    """Every attribute combination ``cfg.per_combo`` times, seed = cfg.seed + row index.
+def eval_rows(dataset: DatasetConfig | None, cfg: SampleConfig, val_captions: list[str]) -> list[dict]:
+    """The prompts to sample: with the built-in set, every attribute combination ``per_combo``
+    times (with their attributes, for the judge); otherwise ``n_prompts`` validation captions."""
+    if dataset is not None:
+        return eval_prompts(dataset, cfg.per_combo)
+    unique = list(dict.fromkeys(c for c in val_captions if c))
+    return [{"prompt": c} for c in unique[: cfg.n_prompts]]
 
-    Writes images/NNNNNN.png, manifest.parquet (prompt, seed, attributes, held_out, file, settings)
-    and grid.png (the first ``grid_size`` prompts, spread over the combinations).
+
+def sample_eval_set(denoiser: Denoiser, meta: dict, encoder: TextEncoder, rows: list[dict],
+                    cfg: SampleConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """One image per row (seed = cfg.seed + row index).
+
+    Writes images/NNNNNN.png, manifest.parquet (prompt, seed, the row's attributes, file, settings)
+    and grid.png (``grid_size`` prompts spread over the rows).
     """
     out = Path(out_dir)
     shutil.rmtree(out / "images", ignore_errors=True)
     (out / "images").mkdir(parents=True)
-    rows = eval_prompts(dataset, cfg.per_combo)
     prompts = [r["prompt"] for r in rows]
     seeds = [cfg.seed + i for i in range(len(rows))]
     cond, uncond = encode_prompts(encoder, prompts)

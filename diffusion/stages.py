@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from diffusion.config import Params, flatten, to_dict
-from diffusion.errors import MissingInputError, require_path
+from diffusion.errors import MissingInputError, T2IError, require_path
 from diffusion.shards import list_shards
 
 TRAIN_GRID_SIZE = 24  # captions in the sample grid logged at the end of training
@@ -26,10 +26,19 @@ def _shards(root: str | Path, split: str) -> list[str]:
     return urls
 
 
-def ingest(p: Params, out_dir: str | Path) -> dict:
-    from diffusion.ingest import ingest_builtin
+def _square_image_size(shards_dir: str | Path) -> int:
+    """The image side the shards were written at (from stats.json); training needs square images."""
+    stats = json.loads(require_path(Path(shards_dir) / "stats.json", "shard stats", "run the ingest stage first").read_text())
+    if stats.get("resize_mode") == "keep_ratio":
+        raise T2IError("training needs square images: ingest with ingest.resize_mode center_crop or pad")
+    return int(stats["image_size"])
 
-    return ingest_builtin(p.dataset, p.ingest, out_dir)
+
+def ingest(p: Params, out_dir: str | Path, submit=None) -> dict:
+    """``submit(spec, unit) -> future`` runs work units (a Prefect task runner in the flow)."""
+    from diffusion.ingest import ingest as run
+
+    return run(p.ingest, p.dataset, out_dir, submit)
 
 
 def embed(p: Params, shards_dir: str | Path, out_dir: str | Path) -> dict:
@@ -44,10 +53,15 @@ def embed(p: Params, shards_dir: str | Path, out_dir: str | Path) -> dict:
     return {"captions": len(table.rows), "tokens": list(table.tokens.shape), "fingerprint": table.fingerprint}
 
 
-def judge(p: Params, shards_dir: str | Path, out_dir: str | Path, metrics_file: str | Path) -> dict:
-    from diffusion.judge import build_judge
+def judge(p: Params, shards_dir: str | Path, out_dir: str | Path, metrics_file: str | Path) -> dict | None:
+    """Train the attribute judge (built-in set only; other data gets a "not applicable" record)."""
+    from diffusion.judge import build_judge, save_not_applicable
 
-    metrics = build_judge(p.dataset, p.judge, _shards(shards_dir, "val"), out_dir)
+    if p.ingest.source != "builtin":
+        save_not_applicable(out_dir, f"the judge reads the built-in dataset's attributes; source is {p.ingest.source}")
+        metrics = None
+    else:
+        metrics = build_judge(p.dataset, p.judge, _shards(shards_dir, "val"), out_dir)
     Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_file).write_text(json.dumps({"judge": metrics}, indent=2) + "\n")
     return metrics
@@ -63,6 +77,7 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     from diffusion.train import train as train_loop
 
     urls = _shards(shards_dir, "train")
+    image_size = _square_image_size(shards_dir)
     table = EmbeddingTable.load(require_path(embeddings_dir, "embeddings", "run the embed stage first"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,8 +89,7 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
 
     def grid_fn(denoiser, step):
         cond, uncond = table_cond(table, grid_captions)
-        images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), p.dataset.image_size,
-                          SamplerSettings())
+        images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), image_size, SamplerSettings())
         grid = make_grid(images, grid_captions)
         grid.save(out / "train_grid.png")
         return grid
@@ -85,12 +99,12 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     with mlflow.start_run(run_name=f"train-{p.train.steps}steps") as run:
         tracking.write_run_file(out, run, uri)
         mlflow.log_params({f"train.{k}": v for k, v in flatten(to_dict(p.train)).items()})
-        mlflow.log_params({"dataset.image_size": p.dataset.image_size, "dataset.n_train": p.dataset.n_train,
+        mlflow.log_params({"image_size": image_size, "source": p.ingest.source,
                            "embed.model": p.embed.model, "embed.pretrained": str(p.embed.pretrained),
                            "embed.layer": p.embed.layer})
         mlflow.set_tags({"text_fingerprint": table.fingerprint["weights"], "stage": "train"})
         logger = tracking.MlflowLogger()
-        train_loop(p.train, urls, table, out, image_size=p.dataset.image_size, logger=logger, grid_fn=grid_fn,
+        train_loop(p.train, urls, table, out, image_size=image_size, logger=logger, grid_fn=grid_fn,
                    progress=progress)
         curve = logger.loss_curve()
         if curve is not None:
@@ -111,18 +125,25 @@ def _encoder_for(p: Params, meta: dict):
     return encoder
 
 
-def sample(p: Params, model_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+def sample(p: Params, shards_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
+           progress: bool = True) -> dict:
     import mlflow
+    import pyarrow.parquet as pq
 
     from diffusion import tracking
-    from diffusion.sample import GRID, sample_eval_set
+    from diffusion.sample import GRID, eval_rows, sample_eval_set
     from diffusion.text import pick_device
     from diffusion.train import load_model
 
     denoiser, meta = load_model(require_path(model_dir, "trained model", "run the train stage first"),
                                 pick_device(p.sample.device))
     encoder = _encoder_for(p, meta)
-    out = sample_eval_set(denoiser, meta, encoder, p.dataset, p.sample, out_dir, progress=progress)
+    builtin = p.ingest.source == "builtin"
+    captions = [] if builtin else pq.read_table(
+        require_path(Path(shards_dir) / "index-val.parquet", "val index", "run the ingest stage first"),
+        columns=["caption"]).column("caption").to_pylist()
+    rows = eval_rows(p.dataset if builtin else None, p.sample, captions)
+    out = sample_eval_set(denoiser, meta, encoder, rows, p.sample, out_dir, progress=progress)
     run = tracking.read_run_file(model_dir)
     if run:
         tracking.setup(p.mlflow)
@@ -146,7 +167,7 @@ def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_di
     if run:
         tracking.setup(p.mlflow)
         with mlflow.start_run(run_id=run["run_id"]):
-            mlflow.log_metrics(tracking.flat_metrics({k: metrics[k] for k in ("adherence", "judge")}))
+            mlflow.log_metrics(tracking.flat_metrics({k: metrics[k] or {} for k in ("adherence", "judge")}))
             mlflow.log_dict(metrics, "metrics.json")
     return metrics
 
@@ -162,7 +183,7 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
     encoder = _encoder_for(p, meta)
     tracking.setup(p.mlflow)
     run = tracking.read_run_file(model_dir)
-    flat = tracking.flat_metrics({k: metrics[k] for k in ("adherence", "judge")})
+    flat = tracking.flat_metrics({k: metrics[k] or {} for k in ("adherence", "judge")})
     keep = {k: v for k, v in flat.items() if k.endswith((".all", ".shape", ".color", ".size", ".position"))}
     info = log_and_register(model_dir, encoder, settings_of(p.sample), keep, p.register.model_name,
                             run.get("run_id"))

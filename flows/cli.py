@@ -1,10 +1,10 @@
 """``t2i``: the command line. Each stage command runs that stage's Prefect flow; dvc.yaml calls them.
 
-    t2i ingest   --out DIR
+    t2i ingest   --out DIR [--source folder --input PATH]
     t2i embed    --shards DIR --out DIR
     t2i judge    --shards DIR --out DIR --metrics FILE
     t2i train    --shards DIR --embeddings DIR --out DIR
-    t2i sample   --model DIR --out DIR
+    t2i sample   --shards DIR --model DIR --out DIR
     t2i evaluate --samples DIR --judge DIR --model DIR --metrics FILE
     t2i register --model DIR --metrics FILE --out FILE
     t2i pipeline [--stage S ...] [--force]     the whole pipeline (train-flow) via dvc repro
@@ -17,6 +17,7 @@ user can fix (a params key, a missing input, an unknown model) print one line an
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ INPUTS = {
     "embed": [("shards", "shards", "ingest")],
     "judge": [("shards", "shards", "ingest")],
     "train": [("shards", "shards", "ingest"), ("embeddings", "embeddings", "embed")],
-    "sample": [("model", "trained model", "train")],
+    "sample": [("shards", "shards", "ingest"), ("model", "trained model", "train")],
     "evaluate": [("samples", "samples", "sample"), ("judge", "judge", "judge"), ("model", "trained model", "train")],
     "register": [("model", "trained model", "train"), ("metrics", "metrics", "evaluate")],
 }
@@ -48,11 +49,14 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(f"--{a}", required=True)
         return p
 
-    add("ingest", "write the dataset as WebDataset shards", "out")
+    p = add("ingest", "write a source (built-in, folder, table, webdataset, urls) as WebDataset shards", "out")
+    p.add_argument("--source", choices=["builtin", "folder", "table", "webdataset", "urls"],
+                   help="overrides ingest.source")
+    p.add_argument("--input", help="overrides ingest.path: folder, table file, shard URLs or URL list")
     add("embed", "precompute caption embeddings with the open_clip text tower", "shards", "out")
     add("judge", "train the evaluation judge on real images", "shards", "out", "metrics")
     add("train", "train the denoiser", "shards", "embeddings", "out")
-    add("sample", "generate the evaluation images", "model", "out")
+    add("sample", "generate the evaluation images", "shards", "model", "out")
     add("evaluate", "score generated images with the judge", "samples", "judge", "model", "metrics")
     add("register", "log the model to MLflow and register a new version", "model", "metrics", "out")
     p = sub.add_parser("pipeline", parents=[common], help="run the whole pipeline (train-flow, dvc repro)")
@@ -65,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     from diffusion.config import load_params
 
-    p = load_params(args.params, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "source", None):
+        overrides.append(f"ingest.source={args.source}")
+    if getattr(args, "input", None):
+        overrides.append(f"ingest.path={json.dumps(args.input)}")
+    p = load_params(args.params, overrides)
     cmd = args.command
     for arg, what, maker in INPUTS.get(cmd, []):
         require_path(getattr(args, arg), what, f"run the {maker} stage first")
@@ -91,7 +100,7 @@ def _run(args: argparse.Namespace) -> None:
     from flows import stages as f
 
     if cmd == "ingest":
-        f.ingest_flow(p, args.out)
+        f.run_ingest_flow(p, args.out)
     elif cmd == "embed":
         f.embed_flow(p, args.shards, args.out)
     elif cmd == "judge":
@@ -99,7 +108,7 @@ def _run(args: argparse.Namespace) -> None:
     elif cmd == "train":
         f.train_stage_flow(p, args.shards, args.embeddings, args.out)
     elif cmd == "sample":
-        f.sample_flow(p, args.model, args.out)
+        f.sample_flow(p, args.shards, args.model, args.out)
     elif cmd == "evaluate":
         f.evaluate_flow(p, args.samples, args.judge, args.model, args.metrics)
     elif cmd == "register":

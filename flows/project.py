@@ -28,7 +28,9 @@ def summary(project_dir: str | Path, tracking_uri: str) -> str:
     grid = project / outs["sample"]["out"] / "grid.png"
     lines.append(f"  sample grid:      {grid}" + ("" if grid.is_file() else "  (not produced yet)"))
     metrics_file = project / outs["evaluate"]["metrics"]
-    if metrics_file.is_file():
+    if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("adherence") is None:
+        lines.append(f"  metrics:          {metrics_file} (no adherence: {json.loads(metrics_file.read_text())['note']})")
+    elif metrics_file.is_file():
         m = json.loads(metrics_file.read_text())
         a, j = m["adherence"], m["judge"]
         lines.append(f"  metrics:          {metrics_file}")

@@ -7,14 +7,18 @@ reports to that server. ``dvc.yaml`` runs these through the ``t2i`` CLI.
 from __future__ import annotations
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from diffusion import stages
 from diffusion.config import Params
+from diffusion.ingest import process_unit
 
 
-@task(name="ingest")
-def ingest_task(p: Params, out_dir: str) -> dict:
-    return stages.ingest(p, out_dir)
+@task(name="ingest-unit", task_run_name="unit {unit.index}", cache_policy=NO_CACHE, persist_result=False)
+def ingest_unit_task(spec, unit):
+    """One work unit: read, fetch, decode, resize, encode (results go back to the committer)."""
+    return process_unit(spec, unit)
 
 
 @task(name="embed")
@@ -23,7 +27,7 @@ def embed_task(p: Params, shards_dir: str, out_dir: str) -> dict:
 
 
 @task(name="judge")
-def judge_task(p: Params, shards_dir: str, out_dir: str, metrics_file: str) -> dict:
+def judge_task(p: Params, shards_dir: str, out_dir: str, metrics_file: str) -> dict | None:
     return stages.judge(p, shards_dir, out_dir, metrics_file)
 
 
@@ -33,8 +37,8 @@ def train_task(p: Params, shards_dir: str, embeddings_dir: str, out_dir: str) ->
 
 
 @task(name="sample")
-def sample_task(p: Params, model_dir: str, out_dir: str) -> dict:
-    return stages.sample(p, model_dir, out_dir)
+def sample_task(p: Params, shards_dir: str, model_dir: str, out_dir: str) -> dict:
+    return stages.sample(p, shards_dir, model_dir, out_dir)
 
 
 @task(name="evaluate")
@@ -49,7 +53,22 @@ def register_task(p: Params, model_dir: str, metrics_file: str, out_file: str) -
 
 @flow(name="stage-ingest", log_prints=True)
 def ingest_flow(p: Params, out_dir: str) -> dict:
-    return ingest_task(p, out_dir)
+    """Units run on this flow's task runner; the committer writes them in order in the flow."""
+    stats = stages.ingest(p, out_dir, submit=lambda spec, unit: ingest_unit_task.submit(spec, unit))
+    print(f"ingest: accepted {stats['accepted']}, rejected {stats['rejected_total']} {stats['rejected']}")
+    return {k: stats[k] for k in ("accepted", "rejected_total", "rejected", "splits")}
+
+
+def run_ingest_flow(p: Params, out_dir: str) -> dict:
+    """ingest_flow on the task runner params.ingest asks for: threads or processes, ``workers`` wide.
+
+    On a cluster, swap in prefect-dask's DaskTaskRunner or prefect-ray's RayTaskRunner here: the
+    units are plain picklable tasks and the committer stays in the flow.
+    """
+    cfg = p.ingest
+    runner = (ProcessPoolTaskRunner(max_workers=cfg.workers) if cfg.task_runner == "processes"
+              else ThreadPoolTaskRunner(max_workers=cfg.workers))
+    return ingest_flow.with_options(task_runner=runner)(p, out_dir)
 
 
 @flow(name="stage-embed", log_prints=True)
@@ -58,7 +77,7 @@ def embed_flow(p: Params, shards_dir: str, out_dir: str) -> dict:
 
 
 @flow(name="stage-judge", log_prints=True)
-def judge_flow(p: Params, shards_dir: str, out_dir: str, metrics_file: str) -> dict:
+def judge_flow(p: Params, shards_dir: str, out_dir: str, metrics_file: str) -> dict | None:
     return judge_task(p, shards_dir, out_dir, metrics_file)
 
 
@@ -68,8 +87,8 @@ def train_stage_flow(p: Params, shards_dir: str, embeddings_dir: str, out_dir: s
 
 
 @flow(name="stage-sample", log_prints=True)
-def sample_flow(p: Params, model_dir: str, out_dir: str) -> dict:
-    return sample_task(p, model_dir, out_dir)
+def sample_flow(p: Params, shards_dir: str, model_dir: str, out_dir: str) -> dict:
+    return sample_task(p, shards_dir, model_dir, out_dir)
 
 
 @flow(name="stage-evaluate", log_prints=True)

@@ -45,10 +45,10 @@ def tiny_params():
 
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_params, tmp_path_factory) -> Path:
-    from diffusion.ingest import ingest_builtin
+    from diffusion.ingest import ingest
 
     out = tmp_path_factory.mktemp("shards")
-    ingest_builtin(tiny_params.dataset, tiny_params.ingest, out)
+    ingest(tiny_params.ingest, tiny_params.dataset, out, progress=False)
     return out
 
 

@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow.parquet as pq
 
 from diffusion.config import JudgeConfig
 from diffusion.judge import build_judge, load_judge, predict, score, vocab_of
@@ -18,7 +19,7 @@ def test_score_counts_per_attribute_and_all_correct():
 def test_judge_learns_the_attributes_of_real_images(tiny_params, tiny_shards, tmp_path):
     cfg = JudgeConfig(n_images=3000, steps=250, batch_size=64)
     metrics = build_judge(tiny_params.dataset, cfg, list_shards(tiny_shards / "val"), tmp_path, progress=False)
-    assert metrics["overall"]["n"] == tiny_params.dataset.n_val
+    assert metrics["overall"]["n"] == pq.read_table(tiny_shards / "index-val.parquet").num_rows > 50
     assert metrics["held_out"]["n"] > 0
     for attr in ("color", "size", "position"):
         assert metrics["overall"][attr] >= 0.9, metrics
