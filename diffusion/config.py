@@ -375,7 +375,7 @@ def _validate(p: Params) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
     t = p.train
     if not 0 < t.beta_min < t.beta_max < 1:
-        raise ConfigError(f"train.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")
+        raise ConfigError("train.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0 <= t.cond_dropout < 1:

@@ -57,12 +57,6 @@ class T2IModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": pngs})
 
 
-def png_to_array(data: bytes):
-    import numpy as np
-
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
 def log_and_register(model_dir: str | Path, encoder: TextEncoder, settings: SamplerSettings, metrics: dict[str, float],
                      model_name: str, run_id: str | None = None) -> dict:
     """Log the pyfunc model to ``run_id`` (or a new run) and register it as a new version of

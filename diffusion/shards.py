@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
@@ -144,19 +142,3 @@ def iter_samples(urls: Iterable[str]) -> Iterator[dict]:
     """Decoded samples from shards, in order."""
     for sample in raw_samples(urls):
         yield decode_sample(sample)
-
-
-def read_index(root: str | Path, split: str) -> pa.Table:
-    return pq.read_table(Path(root) / f"index-{split}.parquet")
-
-
-def load_split_arrays(root: str | Path, split: str) -> tuple[np.ndarray, list[str], list[dict]]:
-    """A whole split in memory: images (N, H, W, 3) uint8, captions, metas. For small splits."""
-    images, captions, metas = [], [], []
-    for s in iter_samples(list_shards(Path(root) / split)):
-        images.append(s["image"])
-        captions.append(s["caption"])
-        metas.append(s["meta"])
-    if not images:
-        raise ValueError(f"no samples in {Path(root) / split}")
-    return np.stack(images), captions, metas

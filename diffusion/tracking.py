@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -102,12 +101,3 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and v == v:
             out[key] = float(v)
     return out
-
-
-def log_artifact_bytes(data: bytes, name: str) -> None:
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / name
-        p.write_bytes(data)
-        mlflow.log_artifact(str(p))

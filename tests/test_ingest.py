@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,7 +22,7 @@ from PIL import Image
 from corpus import encode, good_images, picture, write_folder_corpus, write_tar
 from diffusion.config import DownloadConfig, IngestConfig
 from diffusion.ingest import ingest, split_of, stable_key
-from diffusion.shards import iter_samples, list_shards
+from diffusion.shards import list_shards
 
 FAST_DL = DownloadConfig(timeout=0.5, retries=1, backoff=0.05, concurrency=8, max_bytes=2_000_000)
 

@@ -3,7 +3,6 @@ import time
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import webdataset as wds
 from PIL import Image
 

@@ -29,10 +29,9 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -409,8 +408,3 @@ def ingest(ingest_cfg: IngestConfig, dataset: DatasetConfig | None, out_dir: str
            submit: Submit | None = None, progress: bool = True) -> dict:
     """The ingest stage: ``params.ingest`` (and ``params.dataset`` for the built-in set) -> shards."""
     return run_ingest(make_spec(ingest_cfg, dataset, out_dir), out_dir, submit, progress)
-
-
-def reset(out_dir: str | Path) -> None:
-    """Delete everything a previous ingest left in ``out_dir`` (a fresh, non-incremental run)."""
-    shutil.rmtree(out_dir, ignore_errors=True)
