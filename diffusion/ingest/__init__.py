@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from diffusion.config import DatasetConfig, IngestConfig
 from diffusion.ingest.core import REASONS, ProcessedImage, Rejected
+from diffusion.ingest.decode import clean_caption, process_image
 from diffusion.ingest.sources import RawItem, SourceSpec, Unit, plan, read
 from diffusion.shards import ShardWriter, caption_id, encode_image
 
@@ -94,8 +95,6 @@ def _rendered(item: RawItem, cfg: IngestConfig) -> ProcessedImage:
 
 def process_item(item: RawItem, cfg: IngestConfig, fetched: bytes | Rejected | None = None) -> tuple[Sample, bool]:
     """One raw item -> (sample, caption_replaced); raises Rejected."""
-    from diffusion.ingest.decode import clean_caption, process_image
-
     if item.reject:
         raise Rejected(item.reject, item.source_id)
     caption, replaced = clean_caption(item.caption, cfg)
