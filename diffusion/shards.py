@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -62,7 +61,7 @@ class ShardWriter:
         self.dir = Path(directory)
         self.prefix, self.max_count, self.max_bytes = prefix, max_count, max_bytes
         self.parts: list[dict] = []  # {"name", "samples", "bytes"} of finished parts
-        self._writer: wds.TarWriter | None = None
+        self._writer = None  # webdataset.TarWriter of the part being written
         self._tmp: Path | None = None
         self._name = ""
         self._count = self._bytes = 0
@@ -71,6 +70,8 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._name = f"{self.prefix}-{len(self.parts):02d}.tar"
         self._tmp = self.dir / f".{self._name}.tmp"
+        import webdataset as wds  # here, not at import: webdataset imports torch, ingest workers need neither
+
         self._writer = wds.TarWriter(str(self._tmp), mtime=SHARD_MTIME, user="t2i", group="t2i")
         self._count = self._bytes = 0
 
@@ -134,6 +135,8 @@ def decode_sample(sample: dict) -> dict:
 
 def raw_samples(urls: Iterable[str]) -> Iterator[dict]:
     """Undecoded samples from shards, in order (webdataset's tar reader)."""
+    import webdataset as wds
+
     pipeline = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples())
     yield from pipeline
 

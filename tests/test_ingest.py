@@ -123,6 +123,28 @@ def test_table_sources_parquet_csv_jsonl(tmp_path):
     assert stats["accepted"] == 4 and stats["rejected_total"] == 0
 
 
+def test_table_row_groups_are_resized_and_keys_do_not_depend_on_them(tmp_path):
+    imgs = [encode(picture(800 + i, (72, 72)), "PNG") for i in range(60)]
+    table = pa.table({"image": imgs, "caption": [f"row {i}" for i in range(60)]})
+    for name, group in (("one_group", 1000), ("small_groups", 5)):  # same table, same file name
+        (tmp_path / name).mkdir()
+        pq.write_table(table, tmp_path / name / "t.parquet", row_group_size=group)
+    a = ingest(cfg("table", tmp_path / "one_group/t.parquet"), None, tmp_path / "a", progress=False)
+    # the single 60-row group is rewritten once into groups of samples_per_shard (8) rows
+    rewritten = list((tmp_path / "a/_work").glob("table-*.parquet"))
+    assert len(rewritten) == 1 and pq.ParquetFile(rewritten[0]).metadata.num_row_groups == 8
+    assert len(a["units"]) == 8 and a["accepted"] == 60
+    b = ingest(cfg("table", tmp_path / "small_groups/t.parquet"), None, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b/_work").exists()  # small row groups are read in place
+    assert len(b["units"]) == 12 and b["accepted"] == 60
+    rows = {}
+    for out in ("a", "b"):
+        for split in ("train", "val"):
+            for r in pq.read_table(tmp_path / out / f"index-{split}.parquet").to_pylist():
+                rows.setdefault(out, {})[r["caption"]] = (r["key"], r["split"])
+    assert rows["a"] == rows["b"]  # same key and split for every row, whatever the row grouping
+
+
 def test_webdataset_source_img2dataset_layout_and_hostile_tar(tmp_path):
     members = []
     for i in range(5):

@@ -29,11 +29,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,64 +124,72 @@ def process_item(item: RawItem, cfg: IngestConfig, fetched: bytes | Rejected | N
 
 
 def process_unit(spec: SourceSpec, unit: Unit) -> UnitResult:
-    """Read, fetch and process every item of a unit (runs in a worker thread or process)."""
+    """Read, fetch and process every item of a unit (runs in a worker thread or process).
+
+    Local items are processed as they are read. Each URL item is downloaded *and* processed in its
+    own slot of a ``download.concurrency``-wide pool, so a slow or dead URL holds one slot, not a
+    batch, and raw downloads are dropped as soon as they are encoded. Results keep input order.
+    """
     t0 = time.perf_counter()
     cfg = spec.ingest
+    outcomes: list = []  # per item, in input order: (Sample, replaced) | Rejected | Future of either
+    slots = threading.BoundedSemaphore(cfg.download.concurrency)
+    pool = None
+    try:
+        for item in read(spec, unit):
+            if item.url is None or item.reject:
+                outcomes.append(_outcome(item, cfg))
+                continue
+            if pool is None:
+                pool = ThreadPoolExecutor(cfg.download.concurrency, thread_name_prefix="fetch")
+            slots.acquire()  # bounds the raw downloads held at once, whatever the unit size
+            fut = pool.submit(_fetch_and_process, item, cfg)
+            fut.add_done_callback(lambda _: slots.release())
+            outcomes.append(fut)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     rejected: collections.Counter = collections.Counter()
     samples: list[Sample] = []
-    replaced = n = 0
-    for batch in _fetch_batches(read(spec, unit), cfg):
-        for item, fetched in batch:
-            n += 1
-            try:
-                sample, rep = process_item(item, cfg, fetched)
-            except Rejected as r:
-                rejected[r.reason] += 1
-                continue
-            samples.append(sample)
-            replaced += rep
-    return UnitResult(unit.index, n, samples, dict(rejected), replaced, time.perf_counter() - t0)
+    replaced = 0
+    for o in outcomes:
+        o = o.result() if hasattr(o, "result") else o
+        if isinstance(o, Rejected):
+            rejected[o.reason] += 1
+        else:
+            samples.append(o[0])
+            replaced += o[1]
+    return UnitResult(unit.index, len(outcomes), samples, dict(rejected), replaced, time.perf_counter() - t0)
 
 
-def _fetch_batches(items: Iterator[RawItem], cfg: IngestConfig) -> Iterator[list[tuple[RawItem, Any]]]:
-    """Group items so URL downloads run ``download.concurrency`` at a time; others pass through.
-
-    Only a few batches of raw downloads are held at once, whatever the unit size.
-    """
-    batch_size = max(8, 4 * cfg.download.concurrency)
-    downloader = None
+def _outcome(item: RawItem, cfg: IngestConfig, fetched: bytes | Rejected | None = None):
     try:
-        batch: list[RawItem] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) >= batch_size:
-                downloader = downloader or _downloader(batch, cfg)
-                yield _fetch(batch, downloader)
-                batch = []
-        if batch:
-            downloader = downloader or _downloader(batch, cfg)
-            yield _fetch(batch, downloader)
-    finally:
-        if downloader is not None:
-            downloader.__exit__(None, None, None)
+        return process_item(item, cfg, fetched)
+    except Rejected as r:
+        return r
 
 
-def _downloader(batch: list[RawItem], cfg: IngestConfig):
-    if not any(i.url and not i.reject for i in batch):
-        return None
+def _fetch_and_process(item: RawItem, cfg: IngestConfig):
+    try:
+        fetched: bytes | Rejected = downloader_for(cfg.download).fetch(item.url)
+    except Rejected as r:
+        fetched = r
+    return _outcome(item, cfg, fetched)
+
+
+_DOWNLOADERS: dict[str, object] = {}
+_DOWNLOADERS_LOCK = threading.Lock()
+
+
+def downloader_for(cfg):
+    """One pooled HTTP client per process and settings, reused across units (keep-alive)."""
     from diffusion.ingest.download import Downloader
 
-    return Downloader(cfg.download).__enter__()
-
-
-def _fetch(batch: list[RawItem], downloader) -> list[tuple[RawItem, Any]]:
-    wanted = [i for i in batch if i.url and not i.reject]
-    if not wanted:
-        return [(i, None) for i in batch]
-    if downloader is None:
-        raise RuntimeError("a URL item needs a downloader")
-    got = dict(zip(map(id, wanted), downloader.fetch_many([i.url for i in wanted])))
-    return [(i, got.get(id(i))) for i in batch]
+    key = repr(cfg)
+    with _DOWNLOADERS_LOCK:
+        if key not in _DOWNLOADERS:
+            _DOWNLOADERS[key] = Downloader(cfg).__enter__()
+        return _DOWNLOADERS[key]
 
 
 # --------------------------------------------------------------------------------------------

@@ -171,71 +171,106 @@ def _table_files(spec: SourceSpec) -> list[Path]:
     return files
 
 
-def _as_parquet(path: Path, work_dir: Path) -> Path:
-    """CSV/JSONL tables are converted once to parquet in the work dir, so units can read row ranges."""
+READ_BATCH = 256  # table rows decoded at a time while a unit is read: bounds raw image bytes in memory
+
+
+def _table_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """Stream any supported table as record batches (never the whole file in memory)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return path
-    key = hashlib.sha1(json.dumps([str(path.resolve()), *_stat(path)]).encode()).hexdigest()[:16]
-    out = work_dir / f"table-{key}.parquet"
-    if not out.is_file():
-        import pyarrow.csv as pacsv
-        import pyarrow.json as pajson
+        yield from pq.ParquetFile(path).iter_batches(batch_size=4096)
+    elif suffix in (".csv", ".tsv"):
+        opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
+        yield from pacsv.open_csv(path, parse_options=opts,
+                                  convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
+    elif suffix in (".jsonl", ".json", ".ndjson"):
+        yield from pajson.open_json(path)
+    else:
+        raise T2IError(f"ingest.path: unsupported table type {path.suffix} (parquet, csv, tsv, jsonl)")
 
-        if suffix in (".csv", ".tsv"):
-            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
-            table = pacsv.read_csv(path, parse_options=opts,
-                                   convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
-        elif suffix in (".jsonl", ".json", ".ndjson"):
-            table = pajson.read_json(path)
-        else:
-            raise T2IError(f"ingest.path: unsupported table type {path.suffix} (parquet, csv, tsv, jsonl)")
-        work_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, out)
+
+def _as_parquet(path: Path, work_dir: Path, rows_per_group: int) -> Path:
+    """A parquet file whose row groups hold ``rows_per_group`` rows, so that a unit reads only
+    its own rows. CSV/TSV/JSONL tables are converted, and parquet files with much larger row
+    groups rewritten, once, streaming, into the work dir; other parquet files are used as they are."""
+    if path.suffix.lower() == ".parquet":
+        meta = pq.ParquetFile(path).metadata
+        if all(meta.row_group(g).num_rows <= 4 * rows_per_group for g in range(meta.num_row_groups)):
+            return path
+    key = hashlib.sha1(json.dumps([str(path.resolve()), *_stat(path), rows_per_group]).encode()).hexdigest()[:16]
+    out = work_dir / f"table-{key}.parquet"
+    if out.is_file():
+        return out
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer, pending, n_pending = None, [], 0
+    try:
+        for batch in _table_batches(path):
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, batch.schema)
+            pending.append(batch)
+            n_pending += batch.num_rows
+            while n_pending >= rows_per_group:  # write exactly rows_per_group rows per group
+                table = pa.Table.from_batches(pending)
+                writer.write_table(table.slice(0, rows_per_group), row_group_size=rows_per_group)
+                rest = table.slice(rows_per_group)
+                pending, n_pending = rest.to_batches(), rest.num_rows
+        if writer is None:
+            raise T2IError(f"ingest.path: table {path} is empty")
+        if n_pending:
+            writer.write_table(pa.Table.from_batches(pending), row_group_size=rows_per_group)
+    except pa.ArrowInvalid as e:
+        raise T2IError(f"ingest.path: cannot read table {path}: {str(e).splitlines()[0]}") from None
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, out)
     return out
 
 
 def _plan_table(spec: SourceSpec) -> list[Unit]:
+    """Units follow row groups: (table, parquet, group, group's first row, rows a..b of the group)."""
     cfg = spec.ingest
     work = Path(spec.work_dir or ".")
     column = cfg.url_column if spec.kind == "urls" else cfg.image_column
     units: list[Unit] = []
     for f in _table_files(spec):
-        pf = _as_parquet(f, work)
+        pf = _as_parquet(f, work, cfg.samples_per_shard)
         names = pq.read_schema(pf).names
         for col in (column, cfg.caption_column):
             if col not in names:
                 raise T2IError(f"ingest: column {col!r} not in {f} (columns: {', '.join(names)})")
-        n = pq.ParquetFile(pf).metadata.num_rows
-        for a, b in _chunks(n, cfg.samples_per_shard):
-            units.append(Unit(len(units), (str(f), str(pf), a, b, *_stat(f))))
+        meta = pq.ParquetFile(pf).metadata
+        first_row = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            for a, b in _chunks(n, cfg.samples_per_shard):
+                units.append(Unit(len(units), (str(f), str(pf), g, first_row, a, b, *_stat(f))))
+            first_row += n
     return units
 
 
-def _read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
-    """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
-    pf = pq.ParquetFile(path)
-    groups, offset, first = [], 0, None
-    for g in range(pf.metadata.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if offset + n > start and offset < stop:
-            groups.append(g)
-            first = offset if first is None else first
-        offset += n
-    if not groups:
-        return pa.table({c: [] for c in columns})
-    return pf.read_row_groups(groups, columns=columns).slice(start - first, stop - start)
+def _unit_rows(path: str, group: int, start: int, stop: int, columns: list[str]) -> Iterator[dict]:
+    """Rows start..stop of one row group, READ_BATCH at a time."""
+    seen = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=READ_BATCH, row_groups=[group], columns=columns):
+        lo, hi = max(start - seen, 0), min(stop - seen, batch.num_rows)
+        if lo < hi:
+            yield from batch.slice(lo, hi - lo).to_pylist()
+        seen += batch.num_rows
+        if seen >= stop:
+            return
 
 
 def _read_table(spec: SourceSpec, unit: Unit) -> Iterator[RawItem]:
     cfg = spec.ingest
-    original, pf, a, b = unit.items[:4]
+    original, pf, group, first_row, a, b = unit.items[:6]
     column = cfg.url_column if spec.kind == "urls" else cfg.image_column
-    rows = _read_rows(pf, a, b, [column, cfg.caption_column]).to_pylist()
     base = Path(original).parent
-    for i, row in enumerate(rows, start=a):
+    for i, row in enumerate(_unit_rows(pf, group, a, b, [column, cfg.caption_column]), start=first_row + a):
         value = row[column]
         item = RawItem(source_id=f"{Path(original).name}:{i}", caption=row[cfg.caption_column],
                        meta={"table": Path(original).name, "row": i})
