@@ -63,19 +63,25 @@ class PrefectServer:
                 time.sleep(0.5)
         raise RuntimeError("prefect server did not become healthy in 120 s")
 
+    def _post(self, path: str, body: dict) -> list:
+        req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
     def flow_names_with_runs(self) -> set[str]:
         """Names of the flows that have at least one completed run on this server."""
-
-        def post(path: str, body: dict) -> list:
-            req = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=30) as r:
-                return json.loads(r.read())
-
-        runs = post("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}, "limit": 200})
-        flows = post("/flows/filter", {"limit": 200})
+        runs = self._post("/flow_runs/filter",
+                          {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}, "limit": 200})
+        flows = self._post("/flows/filter", {"limit": 200})
         by_id = {f["id"]: f["name"] for f in flows}
         return {by_id[r["flow_id"]] for r in runs}
+
+    def completed_task_runs(self, name_prefix: str) -> int:
+        """Completed task runs whose name starts with ``name_prefix``."""
+        runs = self._post("/task_runs/filter", {"task_runs": {"state": {"type": {"any_": ["COMPLETED"]}},
+                                                              "name": {"like_": name_prefix}}, "limit": 200})
+        return sum(1 for r in runs if r["name"].startswith(name_prefix))
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import copy_project
+from conftest import ROOT, copy_project
 from e2e_helpers import BIN, init_repo, run
 
 pytestmark = pytest.mark.e2e
@@ -85,3 +85,22 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     third = run([dvc, "repro"], project, env)
     assert ran(third.stdout) == {"train", "sample", "evaluate", "register"}
     assert json.loads((project / "reports/registered_model.json").read_text())["version"] == 2
+
+
+@pytest.mark.parametrize("runner", ["threads", "processes"])
+def test_t2i_ingest_runs_units_on_the_prefect_task_runner(tmp_path, prefect_server, runner):
+    """`t2i ingest --source folder` on a real server: one task run per work unit, on threads or
+    on worker processes, and the same shards either way."""
+    from corpus import write_folder_corpus
+
+    accepted, expected = write_folder_corpus(tmp_path / "photos")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    before = prefect_server.completed_task_runs("unit ")
+    r = run([str(BIN / "t2i"), "ingest", "--out", "shards", "--source", "folder", "--input", str(tmp_path / "photos"),
+             "-s", "ingest.image_size=64", "-s", "ingest.samples_per_shard=8", "-s", "ingest.dedupe=true",
+             "-s", f"ingest.task_runner={runner}"], tmp_path, {**prefect_server.env})
+    stats = json.loads((tmp_path / "shards/stats.json").read_text())
+    assert stats["accepted"] == accepted and stats["rejected"] == dict(expected)
+    units = len(stats["units"])
+    assert f"accepted {accepted}" in r.stdout + r.stderr
+    assert prefect_server.completed_task_runs("unit ") - before == units

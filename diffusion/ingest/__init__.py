@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from diffusion.config import DatasetConfig, IngestConfig
 from diffusion.ingest.core import REASONS, ProcessedImage, Rejected
-from diffusion.ingest.decode import clean_caption, process_image
+from diffusion.ingest.decode import clean_caption, content_hash, process_image
 from diffusion.ingest.sources import RawItem, SourceSpec, Unit, plan, read
 from diffusion.shards import ShardWriter, caption_id, encode_image
 
@@ -90,8 +90,7 @@ def _rendered(item: RawItem, cfg: IngestConfig) -> ProcessedImage:
     """The built-in set hands over images already drawn at their final size."""
     img = item.rendered
     data = encode_image(img, cfg.image_format, cfg.quality)
-    digest = hashlib.sha256(img.tobytes() + f"{img.width}x{img.height}".encode()).hexdigest()
-    return ProcessedImage(data, cfg.image_format, img.width, img.height, img.width, img.height, digest)
+    return ProcessedImage(data, cfg.image_format, img.width, img.height, img.width, img.height, content_hash(img))
 
 
 def process_item(item: RawItem, cfg: IngestConfig, fetched: bytes | Rejected | None = None) -> tuple[Sample, bool]:
