@@ -158,8 +158,8 @@ class TrainConfig:
     beta_min: float = 1.0e-4
     beta_max: float = 0.02
     prediction: str = "eps"  # eps | v
-    # ... with min-SNR-gamma loss weighting (Hang et al. 2023); "none" is the plain MSE
-    loss_weighting: str = "min_snr"
+    # "none" is the seed's plain MSE; "min_snr" weights timesteps by min-SNR-gamma (Hang et al. 2023)
+    loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
     shuffle_buffer: int = 2000
     data_workers: int = 1  # 1: decode shards in a separate process beside the training step; 0: inline
