@@ -167,7 +167,7 @@ def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_di
     if run:
         tracking.setup(p.mlflow)
         with mlflow.start_run(run_id=run["run_id"]):
-            mlflow.log_metrics(tracking.flat_metrics({k: metrics[k] or {} for k in ("adherence", "judge")}))
+            mlflow.log_metrics(tracking.evaluation_metrics(metrics))
             mlflow.log_dict(metrics, "metrics.json")
     return metrics
 
@@ -183,7 +183,7 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
     encoder = _encoder_for(p, meta)
     tracking.setup(p.mlflow)
     run = tracking.read_run_file(model_dir)
-    flat = tracking.flat_metrics({k: metrics[k] or {} for k in ("adherence", "judge")})
+    flat = tracking.evaluation_metrics(metrics)
     keep = {k: v for k, v in flat.items() if k.endswith((".all", ".shape", ".color", ".size", ".position"))}
     info = log_and_register(model_dir, encoder, settings_of(p.sample), keep, p.register.model_name,
                             run.get("run_id"))

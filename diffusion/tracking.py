@@ -101,3 +101,9 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and v == v:
             out[key] = float(v)
     return out
+
+
+def evaluation_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers of reports/metrics.json worth logging: adherence.* and judge.* (absent where
+    the judge does not apply)."""
+    return flat_metrics({k: metrics.get(k) or {} for k in ("adherence", "judge")})
