@@ -69,7 +69,6 @@ class UnitResult:
     samples: list[Sample]
     rejected: dict[str, int]
     captions_replaced: int = 0
-    seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +128,6 @@ def process_unit(spec: SourceSpec, unit: Unit) -> UnitResult:
     own slot of a ``download.concurrency``-wide pool, so a slow or dead URL holds one slot, not a
     batch, and raw downloads are dropped as soon as they are encoded. Results keep input order.
     """
-    t0 = time.perf_counter()
     cfg = spec.ingest
     outcomes: list = []  # per item, in input order: (Sample, replaced) | Rejected | Future of either
     slots = threading.BoundedSemaphore(cfg.download.concurrency)
@@ -158,7 +156,7 @@ def process_unit(spec: SourceSpec, unit: Unit) -> UnitResult:
         else:
             samples.append(o[0])
             replaced += o[1]
-    return UnitResult(unit.index, len(outcomes), samples, dict(rejected), replaced, time.perf_counter() - t0)
+    return UnitResult(unit.index, len(outcomes), samples, dict(rejected), replaced)
 
 
 def _outcome(item: RawItem, cfg: IngestConfig, fetched: bytes | Rejected | None = None):
