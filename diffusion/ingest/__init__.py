@@ -212,6 +212,12 @@ def _write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
+def _dedupe_key(sha256_hex: str) -> bytes:
+    """What the dedupe set holds per sample: the first 8 bytes of its content hash. Resume and
+    commit must agree on it, or a resumed run would let duplicates through."""
+    return bytes.fromhex(sha256_hex[:16])
+
+
 class Committer:
     """Writes finished units in plan order; owns dedupe state, shards, per-unit records."""
 
@@ -244,7 +250,7 @@ class Committer:
                     or not self._fragment_path(unit.index).is_file():
                 break
             for h in pq.read_table(self._fragment_path(unit.index), columns=["sha256"]).column("sha256").to_pylist():
-                self.seen.add(bytes.fromhex(h[:16]))
+                self.seen.add(_dedupe_key(h))
             done += 1
         self._clear_from(done)
         return done
@@ -280,7 +286,7 @@ class Committer:
         try:
             for s in result.samples:
                 if self.cfg.dedupe:
-                    h = bytes.fromhex(s.meta["sha256"][:16])
+                    h = _dedupe_key(s.meta["sha256"])
                     if h in self.seen:
                         rejected["duplicate"] += 1
                         continue
