@@ -189,6 +189,30 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class PromoteConfig:
+    """The promotion policy: when a new version takes the alias from the current champion."""
+
+    auto: bool = True  # the pipeline's promote stage applies the policy to each new version
+    alias: str = "champion"
+    metric: str = "adherence.held_out.all"  # a metric tag of the versions (as in reports/metrics.json)
+    direction: str = "maximize"  # maximize | minimize
+    min_margin: float = 0.01  # the candidate must beat the champion by at least this much
+    floor: float = 0.5  # a first champion must reach this (maximize: >=, minimize: <=)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Batch generation from a registered model (t2i generate, the batch-generation flow)."""
+
+    model_uri: str = "models:/t2i-shapes@champion"  # or models:/<name>/<version>, or a local model folder
+    output_dir: str = "data/batches"  # batches land in <output_dir>/<YYYY-MM-DD>/<run name>/
+    batch_size: int = 64  # images generated (and committed) together; a kill loses at most one batch
+    seed: int = 0  # rows without a seed get seed + their row number
+    device: str = "auto"
+    contact_sheet_size: int = 48  # images on the contact sheet
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI in the environment wins
     experiment: str = "t2i-shapes"
@@ -203,6 +227,8 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
@@ -222,6 +248,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "judge.device": ("auto", "cpu", "cuda"),
     "sample.device": ("auto", "cpu", "cuda"),
     "sample.sampler": ("ddim", "ddpm"),
+    "promote.direction": ("maximize", "minimize"),
+    "batch.device": ("auto", "cpu", "cuda"),
 }
 
 
@@ -370,6 +398,7 @@ def _validate(p: Params) -> None:
         ("train.steps", p.train.steps), ("train.batch_size", p.train.batch_size),
         ("judge.steps", p.judge.steps), ("sample.steps", p.sample.steps),
         ("sample.per_combo", p.sample.per_combo), ("embed.batch_size", p.embed.batch_size),
+        ("batch.batch_size", p.batch.batch_size),
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")

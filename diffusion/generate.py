@@ -53,7 +53,8 @@ def autocast_for(device: torch.device):
 @torch.no_grad()
 def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], image_size: int,
              settings: SamplerSettings, *, progress: bool = False) -> np.ndarray:
-    """Sample one image per row of ``cond`` (uncond: a single row, the empty caption).
+    """Sample one image per row of ``cond``. ``uncond`` is what guidance pushes away from: one row
+    (the empty caption) for every image, or one row per image (negative prompts).
 
     Returns (N, H, W, 3) uint8.
     """
@@ -66,7 +67,11 @@ def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], ima
         sl = slice(start, start + settings.batch_size)
         c = Cond(cond.tokens[sl], cond.mask[sl], cond.pooled[sl]).to(device)
         n = c.tokens.shape[0]
-        u = Cond(uncond.tokens.expand(n, -1, -1), uncond.mask.expand(n, -1), uncond.pooled.expand(n, -1)).to(device)
+        if uncond.tokens.shape[0] == 1:
+            u = Cond(uncond.tokens.expand(n, -1, -1), uncond.mask.expand(n, -1), uncond.pooled.expand(n, -1))
+        else:
+            u = Cond(uncond.tokens[sl], uncond.mask[sl], uncond.pooled[sl])
+        u = u.to(device)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[sl]]
         guided = GuidedDenoiser(denoiser, c, u, settings.guidance_scale)
         x = initial_noise(gens, shape, float(sigmas[0]), device)
@@ -85,18 +90,23 @@ def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, 0, 0, pad) if t.dim() == 3 else (0, pad))
 
 
-def encode_prompts(encoder: TextEncoder, prompts: list[str], batch_size: int = 256) -> tuple[Cond, Cond]:
-    """(cond for the prompts, uncond for the empty caption), rounded through float16 as the
-    embedding table stores them, so sampling sees exactly what training saw."""
-    parts = [encoder.encode(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+def encode_prompts(encoder: TextEncoder, prompts: list[str], batch_size: int = 256,
+                   negatives: list[str] | None = None) -> tuple[Cond, Cond]:
+    """(cond for the prompts, uncond), rounded through float16 as the embedding table stores
+    them, so sampling sees exactly what training saw. uncond is the empty caption (one row), or
+    with ``negatives`` one row per prompt (an empty negative is the empty caption)."""
+    cond = _encode(encoder, prompts, batch_size)
+    uncond = _encode(encoder, negatives if negatives is not None and any(negatives) else [""], batch_size)
+    return cond, uncond
+
+
+def _encode(encoder: TextEncoder, texts: list[str], batch_size: int) -> Cond:
+    parts = [encoder.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
     length = max(p[0].shape[1] for p in parts)
     tokens = torch.cat([_pad_to(p[0], length) for p in parts]).half().float()
     mask = torch.cat([_pad_to(p[1], length) for p in parts])
     pooled = torch.cat([p[2] for p in parts]).half().float()
-    tokens = tokens * mask[..., None]
-    ut, um, up = encoder.encode([""])
-    return Cond(tokens.cpu(), mask.cpu(), pooled.cpu()), Cond((ut * um[..., None]).half().float().cpu(), um.cpu(),
-                                                              up.half().float().cpu())
+    return Cond((tokens * mask[..., None]).cpu(), mask.cpu(), pooled.cpu())
 
 
 def table_cond(table: EmbeddingTable, captions: list[str]) -> tuple[Cond, Cond]:

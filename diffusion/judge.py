@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusion.artifacts import JUDGE_INFO, JUDGE_WEIGHTS
 from diffusion.config import JudgeConfig
 from diffusion.errors import MissingInputError
 from diffusion.text import pick_device
@@ -113,27 +114,27 @@ def vocab_of(dataset_cfg) -> dict[str, list[str]]:
 def save_judge(model: JudgeNet, vocab: dict, width: int, image_size: int, metrics: dict, out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "judge.safetensors"))
-    (out / "judge.json").write_text(json.dumps({"vocab": vocab, "width": width, "image_size": image_size,
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / JUDGE_WEIGHTS))
+    (out / JUDGE_INFO).write_text(json.dumps({"vocab": vocab, "width": width, "image_size": image_size,
                                                 "val": metrics}, indent=2) + "\n")
 
 
 def save_not_applicable(out_dir: str | Path, reason: str) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "judge.json").write_text(json.dumps({"applicable": False, "reason": reason}, indent=2) + "\n")
+    (out / JUDGE_INFO).write_text(json.dumps({"applicable": False, "reason": reason}, indent=2) + "\n")
 
 
 def load_judge(directory: str | Path, device: str = "cpu") -> tuple[JudgeNet | None, dict]:
     """(model, info); model is None where the judge does not apply (info["reason"] says why)."""
     d = Path(directory)
-    if not (d / "judge.json").is_file():
+    if not (d / JUDGE_INFO).is_file():
         raise MissingInputError(f"judge not found at {d} (run the judge stage first)")
-    info = json.loads((d / "judge.json").read_text())
+    info = json.loads((d / JUDGE_INFO).read_text())
     if info.get("applicable") is False:
         return None, info
     model = JudgeNet(info["vocab"], info["width"])
-    model.load_state_dict(load_file(str(d / "judge.safetensors")))
+    model.load_state_dict(load_file(str(d / JUDGE_WEIGHTS)))
     return model.to(device).eval(), info
 
 

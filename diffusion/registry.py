@@ -1,92 +1,95 @@
 """The MLflow model: prompts in, images out; logged as a pyfunc and registered as a new version.
 
-The logged model is self-contained: the EMA denoiser weights and config, the text tower's weights
-(so a seeded random default needs no regeneration), the sampler settings, and this package's code.
+The logged model is self-contained (``artifacts.write_bundle``): the EMA denoiser weights and
+config, the text tower's weights (so a seeded random default needs no regeneration), the sampler
+settings, the evaluation it was registered with, and this package's code.
 ``mlflow.pyfunc.load_model("models:/t2i-shapes@champion").predict(pd.DataFrame({"prompt": [...]}))``
-returns one row per prompt with the PNG bytes of the image.
+returns one row per prompt with the PNG bytes of the image; ``mlflow models serve`` answers the
+same rows as JSON, the image base64-encoded.
+
+This module also resolves what users type (``models:/name@alias``, ``models:/name/3``, ``name``)
+into a registry version, with one-line errors for the usual mistakes.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import shutil
+import re
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 from PIL import Image
-from safetensors.torch import save_file
 
+from diffusion.artifacts import load_bundle, write_bundle
+from diffusion.errors import T2IError
 from diffusion.generate import SamplerSettings, encode_prompts, generate
-from diffusion.text import TextEncoder, load_text_encoder
-from diffusion.train import MODEL_CONFIG, MODEL_WEIGHTS, load_model
+from diffusion.lineage import EVAL_TAG
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+OVERRIDABLE = ("guidance_scale", "steps", "sampler", "eta")
 
 
 class T2IModel(mlflow.pyfunc.PythonModel):
-    """pyfunc: DataFrame(prompt[, seed, guidance_scale, steps]) -> DataFrame(prompt, seed, image)."""
+    """pyfunc: DataFrame(prompt[, seed, negative_prompt]) -> DataFrame(prompt, seed, image).
+
+    ``params`` (guidance_scale, steps, sampler, eta) override the registered sampler settings.
+    """
 
     def load_context(self, context) -> None:
-        a = context.artifacts
-        spec = json.loads(Path(a["text_encoder_spec"]).read_text())
-        self.encoder = load_text_encoder(spec["model"], pretrained=a["text_encoder"], layer=spec["layer"],
-                                         fingerprint=spec["fingerprint"])
-        self.denoiser, self.meta = load_model(Path(a["denoiser"]))
-        self.settings = SamplerSettings(**json.loads(Path(a["sampler"]).read_text()))
+        self.denoiser, self.meta, self.encoder, self.settings = load_bundle(context.artifacts)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if isinstance(model_input, dict):
             model_input = pd.DataFrame(model_input)
+        if "prompt" not in model_input:
+            raise T2IError("the model input needs a 'prompt' column")
         prompts = [str(p) for p in model_input["prompt"]]
         seeds = [int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(len(prompts)))
+        negatives = ([("" if n is None or n != n else str(n)) for n in model_input["negative_prompt"]]
+                     if "negative_prompt" in model_input else None)
         settings = self.settings
-        overrides = {k: v for k, v in (params or {}).items() if k in ("guidance_scale", "steps", "sampler", "eta")}
+        overrides = {k: v for k, v in (params or {}).items() if k in OVERRIDABLE and v is not None}
         if overrides:
             settings = SamplerSettings(**{**asdict(settings), **overrides})
-        cond, uncond = encode_prompts(self.encoder, prompts)
+        cond, uncond = encode_prompts(self.encoder, prompts, negatives=negatives)
         images = generate(self.denoiser, cond, uncond, seeds, self.meta["image_size"], settings)
-        pngs = []
-        for img in images:
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": pngs})
+        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": [png_bytes(img) for img in images]})
 
 
-def log_and_register(model_dir: str | Path, encoder: TextEncoder, settings: SamplerSettings, metrics: dict[str, float],
-                     model_name: str, run_id: str | None = None) -> dict:
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def log_and_register(model_dir: str | Path, encoder, settings: SamplerSettings, metrics: dict[str, float],
+                     model_name: str, run_id: str | None = None, *, evaluation: dict | None = None,
+                     lineage: dict[str, str] | None = None) -> dict:
     """Log the pyfunc model to ``run_id`` (or a new run) and register it as a new version of
-    ``model_name``, tagged with ``metrics``. Returns {name, version, uri, run_id}."""
-    model_dir = Path(model_dir)
+    ``model_name``, tagged with ``metrics`` and ``lineage``. Returns {name, version, uri, run_id}."""
+    evaluation = evaluation or {}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "denoiser").mkdir()
-        for f in (MODEL_WEIGHTS, MODEL_CONFIG):
-            shutil.copy(model_dir / f, tmp / "denoiser" / f)
-        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()},
-                  str(tmp / "text_encoder.safetensors"))
-        (tmp / "text_encoder.json").write_text(json.dumps(
-            {"model": encoder.fingerprint["model"], "layer": encoder.layer, "fingerprint": encoder.fingerprint}))
-        (tmp / "sampler.json").write_text(json.dumps(asdict(settings)))
-        artifacts = {"denoiser": str(tmp / "denoiser"), "text_encoder": str(tmp / "text_encoder.safetensors"),
-                     "text_encoder_spec": str(tmp / "text_encoder.json"), "sampler": str(tmp / "sampler.json")}
+        artifacts = write_bundle(tmp, model_dir, encoder, settings, {"fingerprint": evaluation, "metrics": metrics})
         example = pd.DataFrame({"prompt": ["a large red circle on the left"], "seed": [0]})
         signature = mlflow.models.infer_signature(
             example, pd.DataFrame({"prompt": ["p"], "seed": [0], "image": [b"png"]}),
-            params={"guidance_scale": settings.guidance_scale, "steps": settings.steps},
+            params={"guidance_scale": float(settings.guidance_scale), "steps": int(settings.steps)},
         )
         with mlflow.start_run(run_id=run_id) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=T2IModel(), artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
-                signature=signature, pip_requirements=_requirements(),
+                signature=signature, pip_requirements=_requirements(), input_example=None,
             )
             mlflow.log_metrics(metrics)
             run_id = run.info.run_id
-    version = mlflow.register_model(info.model_uri, model_name, tags={k: f"{v:.4f}" for k, v in metrics.items()})
+    tags = {k: f"{v:.4f}" for k, v in metrics.items()}
+    tags.update(lineage or {})
+    if evaluation.get("id"):
+        tags[EVAL_TAG] = evaluation["id"]
+    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
     client = mlflow.MlflowClient()
     client.update_model_version(model_name, version.version, description=(
         f"text-to-image denoiser, {metrics.get('adherence.seen.all', float('nan')):.1%} all-correct on seen "
@@ -100,3 +103,53 @@ def _requirements() -> list[str]:
 
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "open_clip_torch", "safetensors", "pandas", "pillow",
                                                     "numpy", "pyarrow", "tqdm", "webdataset", "mlflow", "pyyaml")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving what the user typed
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str | None = None  # a number
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+
+def parse_model_uri(uri: str, default_alias: str = "champion") -> ModelRef:
+    """``models:/name@alias``, ``models:/name/3``, ``models:/name`` (the default alias), ``name@alias``."""
+    body = uri.removeprefix("models:/").strip("/")
+    m = re.fullmatch(r"([^/@]+)(?:@([\w-]+)|/(\d+))?", body)
+    if not m:
+        raise T2IError(f"not a model URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
+    name, alias, version = m.groups()
+    return ModelRef(name, version, alias if alias or version else default_alias)
+
+
+def resolve_version(ref: ModelRef, client=None):
+    """The registry's ModelVersion for ``ref``; one-line errors for an unknown name, version or alias."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient()
+    try:
+        model = client.get_registered_model(ref.name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise T2IError(f"no registered model named {ref.name!r} in {mlflow.get_tracking_uri()} "
+                       f"(registered: {', '.join(known) or 'none'}; run the pipeline first)") from None
+    if ref.alias:
+        if ref.alias not in (model.aliases or {}):
+            have = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "no aliases"
+            hint = " (promote a version first: t2i promote)" if ref.alias == "champion" else ""
+            raise T2IError(f"model {ref.name!r} has no @{ref.alias} yet ({have}){hint}")
+        return client.get_model_version(ref.name, model.aliases[ref.alias])
+    try:
+        return client.get_model_version(ref.name, ref.version)
+    except MlflowException:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{ref.name}'"))
+        raise T2IError(f"model {ref.name!r} has no version {ref.version} "
+                       f"(versions: {', '.join(map(str, versions)) or 'none'})") from None

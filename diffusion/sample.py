@@ -5,17 +5,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from diffusion.artifacts import GRID, IMAGES, MANIFEST, write_manifest
 from diffusion.config import DatasetConfig, SampleConfig
 from diffusion.generate import SamplerSettings, encode_prompts, generate, make_grid, save_png
 from diffusion.precond import Denoiser
 from diffusion.shapes import eval_prompts
 from diffusion.text import TextEncoder
-
-MANIFEST = "manifest.parquet"
-GRID = "grid.png"
 
 
 def settings_of(cfg: SampleConfig) -> SamplerSettings:
@@ -39,18 +34,18 @@ def sample_eval_set(denoiser: Denoiser, meta: dict, encoder: TextEncoder, rows: 
     and grid.png (``grid_size`` prompts spread over the rows).
     """
     out = Path(out_dir)
-    shutil.rmtree(out / "images", ignore_errors=True)
-    (out / "images").mkdir(parents=True)
+    shutil.rmtree(out / IMAGES, ignore_errors=True)
+    (out / IMAGES).mkdir(parents=True)
     prompts = [r["prompt"] for r in rows]
     seeds = [cfg.seed + i for i in range(len(rows))]
     cond, uncond = encode_prompts(encoder, prompts)
     settings = settings_of(cfg)
     images = generate(denoiser, cond, uncond, seeds, meta["image_size"], settings, progress=progress)
     for i, (row, img) in enumerate(zip(rows, images)):
-        row.update(seed=seeds[i], file=f"images/{i:06d}.png", sampler=cfg.sampler, steps=cfg.steps,
+        row.update(seed=seeds[i], file=f"{IMAGES}/{i:06d}.png", sampler=cfg.sampler, steps=cfg.steps,
                    guidance_scale=cfg.guidance_scale, eta=settings.effective_eta)
         save_png(img, out / row["file"])
-    pq.write_table(pa.Table.from_pylist(rows), out / MANIFEST)
+    write_manifest(rows, out / MANIFEST)
     pick = list(range(0, len(rows), max(1, len(rows) // cfg.grid_size)))[: cfg.grid_size]
     make_grid(images[pick], [prompts[i] for i in pick]).save(out / GRID)
     return out

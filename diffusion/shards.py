@@ -22,8 +22,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from diffusion.artifacts import SHARD_GLOB
+
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-SHARD_GLOB = "shard-*.tar"
 
 
 def caption_id(caption: str) -> str:

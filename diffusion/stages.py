@@ -7,31 +7,12 @@ a notebook. Each checks its inputs first and raises one-line ``T2IError``s.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
+from diffusion import artifacts as art
 from diffusion.config import Params, flatten, to_dict
-from diffusion.errors import MissingInputError, T2IError, require_path
-from diffusion.shards import list_shards
 
 TRAIN_GRID_SIZE = 24  # captions in the sample grid logged at the end of training
-
-
-def _shards(root: str | Path, split: str) -> list[str]:
-    split_dir = require_path(Path(root) / split, f"{split} shards", "run the ingest stage first")
-    urls = list_shards(split_dir)
-    if not urls:
-        raise MissingInputError(f"no {split} shards (shard-*.tar) in {split_dir} (run the ingest stage first)")
-    return urls
-
-
-def _square_image_size(shards_dir: str | Path) -> int:
-    """The image side the shards were written at (from stats.json); training needs square images."""
-    stats = json.loads(require_path(Path(shards_dir) / "stats.json", "shard stats", "run the ingest stage first").read_text())
-    if stats.get("resize_mode") == "keep_ratio":
-        raise T2IError("training needs square images: ingest with ingest.resize_mode center_crop or pad")
-    return int(stats["image_size"])
 
 
 def ingest(p: Params, out_dir: str | Path, submit=None) -> dict:
@@ -44,10 +25,12 @@ def ingest(p: Params, out_dir: str | Path, submit=None) -> dict:
 def embed(p: Params, shards_dir: str | Path, out_dir: str | Path) -> dict:
     from diffusion.text import captions_from_index, embed_captions, load_text_encoder
 
-    captions = captions_from_index(require_path(shards_dir, "shards", "run the ingest stage first"))
+    captions = captions_from_index(shards_dir)
     e = p.embed
     encoder = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, e.device)
     table = embed_captions(encoder, captions, e.batch_size)
+    import shutil
+
     shutil.rmtree(out_dir, ignore_errors=True)
     table.save(out_dir)
     return {"captions": len(table.rows), "tokens": list(table.tokens.shape), "fingerprint": table.fingerprint}
@@ -61,9 +44,8 @@ def judge(p: Params, shards_dir: str | Path, out_dir: str | Path, metrics_file: 
         save_not_applicable(out_dir, f"the judge reads the built-in dataset's attributes; source is {p.ingest.source}")
         metrics = None
     else:
-        metrics = build_judge(p.dataset, p.judge, _shards(shards_dir, "val"), out_dir)
-    Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_file).write_text(json.dumps({"judge": metrics}, indent=2) + "\n")
+        metrics = build_judge(p.dataset, p.judge, art.shard_urls(shards_dir, "val"), out_dir)
+    art.write_json(metrics_file, {"judge": metrics})
     return metrics
 
 
@@ -76,9 +58,9 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     from diffusion.text import EmbeddingTable
     from diffusion.train import train as train_loop
 
-    urls = _shards(shards_dir, "train")
-    image_size = _square_image_size(shards_dir)
-    table = EmbeddingTable.load(require_path(embeddings_dir, "embeddings", "run the embed stage first"))
+    urls = art.shard_urls(shards_dir, "train")
+    image_size = art.square_image_size(shards_dir)
+    table = EmbeddingTable.load(art.require(embeddings_dir, "embeddings", "embed"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -91,13 +73,13 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
         cond, uncond = table_cond(table, grid_captions)
         images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), image_size, SamplerSettings())
         grid = make_grid(images, grid_captions)
-        grid.save(out / "train_grid.png")
+        grid.save(out / art.TRAIN_GRID)
         return grid
 
     tracking.setup(p.mlflow)
     uri = tracking.tracking_uri(p.mlflow)
     with mlflow.start_run(run_name=f"train-{p.train.steps}steps") as run:
-        tracking.write_run_file(out, run, uri)
+        art.write_run_file(out, run.info.run_id, run.info.experiment_id, uri)
         mlflow.log_params({f"train.{k}": v for k, v in flatten(to_dict(p.train)).items()})
         mlflow.log_params({"image_size": image_size, "source": p.ingest.source,
                            "embed.model": p.embed.model, "embed.pretrained": str(p.embed.pretrained),
@@ -107,10 +89,11 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
         train_loop(p.train, urls, table, out, image_size=image_size, logger=logger, grid_fn=grid_fn,
                    progress=progress)
         curve = logger.loss_curve()
+        art.write_loss_history(out, logger.history.get("loss", []))
         if curve is not None:
-            curve.save(out / "loss_curve.png")
-            mlflow.log_image(curve, "loss_curve.png")
-    meta = json.loads((out / "model.json").read_text())
+            curve.save(out / art.LOSS_CURVE)
+            mlflow.log_image(curve, art.LOSS_CURVE)
+    meta = art.model_meta(out)
     return {"run_id": run.info.run_id, "steps": meta["steps_done"], "train_img_per_s": meta["train_img_per_s"],
             "train_seconds": meta["train_seconds"], "device": meta["device"]}
 
@@ -128,29 +111,24 @@ def _encoder_for(p: Params, meta: dict):
 def sample(p: Params, shards_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
            progress: bool = True) -> dict:
     import mlflow
-    import pyarrow.parquet as pq
 
     from diffusion import tracking
-    from diffusion.sample import GRID, eval_rows, sample_eval_set
+    from diffusion.sample import eval_rows, sample_eval_set
     from diffusion.text import pick_device
-    from diffusion.train import load_model
 
-    denoiser, meta = load_model(require_path(model_dir, "trained model", "run the train stage first"),
-                                pick_device(p.sample.device))
+    denoiser, meta = art.load_model(model_dir, pick_device(p.sample.device))
     encoder = _encoder_for(p, meta)
     builtin = p.ingest.source == "builtin"
-    captions = [] if builtin else pq.read_table(
-        require_path(Path(shards_dir) / "index-val.parquet", "val index", "run the ingest stage first"),
-        columns=["caption"]).column("caption").to_pylist()
+    captions = [] if builtin else art.split_captions(shards_dir, "val")
     rows = eval_rows(p.dataset if builtin else None, p.sample, captions)
     out = sample_eval_set(denoiser, meta, encoder, rows, p.sample, out_dir, progress=progress)
-    run = tracking.read_run_file(model_dir)
+    run = art.read_run_file(model_dir)
     if run:
         tracking.setup(p.mlflow)
         with mlflow.start_run(run_id=run["run_id"]):
             mlflow.log_params({f"sample.{k}": v for k, v in to_dict(p.sample).items()})
-            mlflow.log_artifact(str(out / GRID), "samples")
-    return {"images": len(list((out / "images").glob("*.png"))), "grid": str(out / GRID)}
+            mlflow.log_artifact(str(out / art.GRID), "samples")
+    return {"images": len(list((out / art.IMAGES).glob("*.png"))), "grid": str(out / art.GRID)}
 
 
 def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_dir: str | Path,
@@ -160,10 +138,9 @@ def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_di
     from diffusion import tracking
     from diffusion.evaluate import evaluate_samples
 
-    metrics = evaluate_samples(samples_dir, require_path(judge_dir, "judge", "run the judge stage first"))
-    Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_file).write_text(json.dumps(metrics, indent=2) + "\n")
-    run = tracking.read_run_file(model_dir)
+    metrics = evaluate_samples(samples_dir, art.require(judge_dir, "judge", "judge"))
+    art.write_json(metrics_file, metrics)
+    run = art.read_run_file(model_dir)
     if run:
         tracking.setup(p.mlflow)
         with mlflow.start_run(run_id=run["run_id"]):
@@ -172,22 +149,52 @@ def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_di
     return metrics
 
 
-def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_file: str | Path) -> dict:
-    from diffusion import tracking
+def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_file: str | Path,
+             project_dir: str | Path = ".") -> dict:
+    """Register a new version, tagged with its metrics, its evaluation fingerprint and its lineage
+    (git commit, the data it was trained on from ``project_dir``/dvc.lock, the params hash)."""
+    from diffusion import lineage, tracking
     from diffusion.registry import log_and_register
     from diffusion.sample import settings_of
-    from diffusion.train import load_model
 
-    _, meta = load_model(require_path(model_dir, "trained model", "run the train stage first"))
-    metrics = json.loads(require_path(metrics_file, "metrics", "run the evaluate stage first").read_text())
+    meta = art.model_meta(model_dir)
+    metrics = art.read_metrics(metrics_file)
     encoder = _encoder_for(p, meta)
     tracking.setup(p.mlflow)
-    run = tracking.read_run_file(model_dir)
+    run = art.read_run_file(model_dir)
     flat = tracking.evaluation_metrics(metrics)
     keep = {k: v for k, v in flat.items() if k.endswith((".all", ".shape", ".color", ".size", ".position"))}
+    evaluation = metrics.get("fingerprint") or {}
+    tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"))
     info = log_and_register(model_dir, encoder, settings_of(p.sample), keep, p.register.model_name,
-                            run.get("run_id"))
+                            run.get("run_id"), evaluation=evaluation, lineage=tags)
     info["tracking_uri"] = tracking.tracking_uri(p.mlflow)
-    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_file).write_text(json.dumps(info, indent=2) + "\n")
+    art.write_json(out_file, info)
     return info
+
+
+def promote(p: Params, registered_file: str | Path | None, out_file: str | Path | None,
+            version: int | None = None, model_name: str | None = None) -> dict:
+    """Apply the promotion policy (params ``promote``) to a version: the one the register stage
+    recorded in ``registered_file``, else ``version``, else the newest. With ``promote.auto`` off
+    and a registered file (the pipeline), records that it skipped."""
+    import mlflow
+
+    from diffusion import tracking
+    from diffusion.promote import promote as run_policy
+
+    name = model_name or p.register.model_name
+    if registered_file is not None:
+        reg = art.read_registered(registered_file)
+        name, version = reg["name"], reg["version"]
+        if not p.promote.auto:
+            result = {"outcome": "skipped", "reason": "promote.auto is false", "model": name, "candidate": version}
+            if out_file is not None:
+                art.write_json(out_file, result)
+            return result
+    tracking.setup(p.mlflow)
+    decision = run_policy(mlflow.MlflowClient(), tracking.tracking_uri(p.mlflow), name, p.promote, version)
+    result = decision.as_dict()
+    if out_file is not None:
+        art.write_json(out_file, result)
+    return result

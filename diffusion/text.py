@@ -266,12 +266,9 @@ def embed_captions(encoder: TextEncoder, captions: Iterable[str], batch_size: in
 
 def captions_from_index(shard_root: str | Path) -> list[str]:
     """All captions of all splits, read from the parquet indexes that ingest wrote."""
-    root = Path(shard_root)
-    indexes = sorted(root.glob("index-*.parquet"))
-    if not indexes:
-        raise MissingInputError(f"no shard index (index-*.parquet) in {root} (run the ingest stage first)")
+    from diffusion.artifacts import index_files
+
     captions: list[str] = []
-    for path in indexes:
+    for path in index_files(shard_root):
         captions.extend(pq.read_table(path, columns=["caption"]).column("caption").to_pylist())
     return captions
-

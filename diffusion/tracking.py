@@ -8,15 +8,12 @@ tracking server, for example) without any other change.
 from __future__ import annotations
 
 import io
-import json
 import os
 from pathlib import Path
 
 from PIL import Image
 
 from diffusion.config import MlflowConfig
-
-RUN_FILE = "run.json"
 
 
 def tracking_uri(cfg: MlflowConfig) -> str:
@@ -79,16 +76,6 @@ class MlflowLogger:
         fig.savefig(buf, format="png")
         plt.close(fig)
         return Image.open(io.BytesIO(buf.getvalue()))
-
-
-def write_run_file(out_dir: str | Path, run, uri: str) -> None:
-    info = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri}
-    (Path(out_dir) / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
-
-
-def read_run_file(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / RUN_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:

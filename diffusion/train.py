@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import random
 import time
@@ -22,20 +21,16 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from diffusion.config import TrainConfig, UNetConfig, to_dict
+from diffusion.artifacts import CHECKPOINT, build_denoiser, save_model
+from diffusion.config import TrainConfig, to_dict
 from diffusion.errors import MissingInputError, T2IError
 from diffusion.loss import diffusion_loss
-from diffusion.model import Cond, UNet, count_params
-from diffusion.precond import Denoiser
+from diffusion.model import Cond, count_params
 from diffusion.shards import decode_sample, raw_samples
 from diffusion.text import EmbeddingTable, fingerprint_id, pick_device
 
-CHECKPOINT = "checkpoint.pt"
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "model.json"
 
 
 class TrainLogger(Protocol):
@@ -153,12 +148,7 @@ def batch_loader(stream: ShardStream, table: EmbeddingTable, batch_size: int, wo
 
 
 # --------------------------------------------------------------------------------------------
-# Model construction and export
-
-
-def build_denoiser(unet: UNetConfig, text_dim: int, pooled_dim: int, cfg: TrainConfig) -> Denoiser:
-    net = UNet(unet, text_dim=text_dim, pooled_dim=pooled_dim)
-    return Denoiser(net, cfg.timesteps, cfg.beta_min, cfg.beta_max, cfg.prediction)
+# Code identity and the schedule
 
 
 def code_fingerprint() -> str:
@@ -188,26 +178,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     ema_p = list(ema.parameters())
     torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
-
-
-def export_model(ema: Denoiser, out_dir: Path, meta: dict) -> None:
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in ema.net.state_dict().items()},
-              str(out_dir / MODEL_WEIGHTS))
-    (out_dir / MODEL_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
-    """Rebuild the trained (EMA) denoiser from model.safetensors + model.json."""
-    d = Path(model_dir)
-    for f in (MODEL_WEIGHTS, MODEL_CONFIG):
-        if not (d / f).is_file():
-            raise MissingInputError(f"trained model not found: {d / f} (run the train stage first)")
-    meta = json.loads((d / MODEL_CONFIG).read_text())
-    train_cfg = TrainConfig(**{k: v for k, v in meta["train"].items() if k != "unet"},
-                            unet=UNetConfig(**meta["train"]["unet"]))
-    den = build_denoiser(train_cfg.unet, meta["text_dim"], meta["pooled_dim"], train_cfg)
-    den.net.load_state_dict(load_file(str(d / MODEL_WEIGHTS)))
-    return den.to(device).eval(), meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +299,7 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     summary = {"train_seconds": elapsed, "train_img_per_s": seen / elapsed if elapsed > 0 else 0.0}
     logger.log_metrics(summary, step)
     ema.eval()
-    export_model(ema, out, {**run_meta, "steps_done": step, "params": n_params, "device": device.type, **summary})
+    save_model(ema, out, {**run_meta, "steps_done": step, "params": n_params, "device": device.type, **summary})
     if grid_fn is not None:
         logger.log_image(grid_fn(ema, step), "sample_grid.png")
     return out

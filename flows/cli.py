@@ -5,10 +5,15 @@
     t2i judge    --shards DIR --out DIR --metrics FILE
     t2i train    --shards DIR --embeddings DIR --out DIR
     t2i sample   --shards DIR --model DIR --out DIR
-    t2i evaluate --samples DIR --judge DIR --model DIR --metrics FILE
+    t2i evaluate --samples DIR --judge DIR --model DIR --metrics FILE [--plots FILE]
     t2i register --model DIR --metrics FILE --out FILE
+    t2i promote  [--registered FILE --out FILE | --version N] [--model-name NAME]
     t2i pipeline [--stage S ...] [--force]     the whole pipeline (train-flow) via dvc repro
     t2i summary                                 where the outputs are, how to open the UIs
+
+    t2i generate --prompts FILE [--model URI|DIR] [--output-dir DIR] [--run-name NAME] [--date YYYY-MM-DD]
+    t2i rollback [--model-name NAME]           move @champion back to the previous champion
+    t2i lineage  [URI]                          git commit, data hashes, params, evaluation of a version
 
 Every command takes ``--params params.yaml`` and ``-s section.key=value`` overrides. Problems the
 user can fix (a params key, a missing input, an unknown model) print one line and exit with 2.
@@ -20,18 +25,11 @@ import argparse
 import json
 import os
 import sys
+from typing import Callable
 
-from diffusion.errors import T2IError, require_path
+from diffusion.errors import T2IError
+from flows.project import STAGES as PIPELINE_STAGES
 
-# What each stage needs to exist before it starts: (argument, what it is, stage that makes it)
-INPUTS = {
-    "embed": [("shards", "shards", "ingest")],
-    "judge": [("shards", "shards", "ingest")],
-    "train": [("shards", "shards", "ingest"), ("embeddings", "embeddings", "embed")],
-    "sample": [("shards", "shards", "ingest"), ("model", "trained model", "train")],
-    "evaluate": [("samples", "samples", "sample"), ("judge", "judge", "judge"), ("model", "trained model", "train")],
-    "register": [("model", "trained model", "train"), ("metrics", "metrics", "evaluate")],
-}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,9 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a param, e.g. -s train.steps=100 (repeatable)")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def add(name: str, help: str, *args: str):
+    def add(name: str, help: str, *required: str):
         p = sub.add_parser(name, parents=[common], help=help)
-        for a in args:
+        for a in required:
             p.add_argument(f"--{a}", required=True)
         return p
 
@@ -56,16 +54,157 @@ def _parser() -> argparse.ArgumentParser:
     add("judge", "train the evaluation judge on real images", "shards", "out", "metrics")
     add("train", "train the denoiser", "shards", "embeddings", "out")
     add("sample", "generate the evaluation images", "shards", "model", "out")
-    add("evaluate", "score generated images with the judge", "samples", "judge", "model", "metrics")
+    p = add("evaluate", "score generated images with the judge", "samples", "judge", "model", "metrics")
+    p.add_argument("--plots", help="also write the adherence table (CSV) for dvc plots")
     add("register", "log the model to MLflow and register a new version", "model", "metrics", "out")
+    p = add("promote", "apply the promotion policy: move @champion to a version if it wins")
+    p.add_argument("--registered", help="the register stage's record (the pipeline's candidate)")
+    p.add_argument("--out", help="write the decision here (JSON)")
+    p.add_argument("--version", type=int, help="the candidate version (default: the newest)")
+    p.add_argument("--model-name", help="registered model (default: params register.model_name)")
+    p = add("rollback", "move @champion back to the version that held it before")
+    p.add_argument("--model-name", help="registered model (default: params register.model_name)")
+    p = add("lineage", "print where a registered version came from")
+    p.add_argument("model", nargs="?", help="models:/<name>@<alias> or models:/<name>/<version> "
+                                            "(default: params batch.model_uri)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("generate", "batch generation: one image per prompt of a file, from a registered model")
+    p.add_argument("--prompts", required=True, help="a .txt (one prompt a line), .csv, .jsonl or .parquet file")
+    p.add_argument("--model", help="models:/<name>@champion (default: params batch.model_uri), "
+                                   "models:/<name>/<version>, or a local model folder")
+    p.add_argument("--output-dir", help="default: params batch.output_dir")
+    p.add_argument("--run-name", default="manual", help="batch folder name under the date (default: manual); "
+                                                        "rerun with the same name to resume")
+    p.add_argument("--date", help="YYYY-MM-DD folder (default: today, UTC)")
+    p.add_argument("--guidance-scale", type=float, help="override the model's guidance scale")
+    p.add_argument("--steps", type=int, help="override the model's sampling steps")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="override the model's sampler")
     p = sub.add_parser("pipeline", parents=[common], help="run the whole pipeline (train-flow, dvc repro)")
-    p.add_argument("--stage", action="append", dest="stages", help="only this stage (repeatable)")
+    p.add_argument("--stage", action="append", dest="stages", choices=PIPELINE_STAGES,
+                   help="only this stage (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun even if DVC finds nothing changed")
     sub.add_parser("summary", parents=[common], help="where the outputs are and how to open the UIs")
     return ap
 
 
+# What each stage needs to exist before it starts: (argument, what it is, stage that makes it)
+INPUTS = {
+    "embed": [("shards", "shards", "ingest")],
+    "judge": [("shards", "shards", "ingest")],
+    "train": [("shards", "shards", "ingest"), ("embeddings", "embeddings", "embed")],
+    "sample": [("shards", "shards", "ingest"), ("model", "trained model", "train")],
+    "evaluate": [("samples", "samples", "sample"), ("judge", "judge", "judge"), ("model", "trained model", "train")],
+    "register": [("model", "trained model", "train"), ("metrics", "metrics", "evaluate")],
+    "promote": [("registered", "registered model record", "register")],
+}
+NEEDS_TEXT_MODEL = ("embed", "sample", "register")
+
+
+def _ingest(p, a):
+    from flows.stages import run_ingest_flow
+
+    run_ingest_flow(p, a.out)
+
+
+def _stage(name: str, *args: str) -> Callable:
+    """A stage command: its Prefect flow from flows.stages, called with the named arguments."""
+    def run(p, a):
+        from flows import stages
+
+        getattr(stages, f"{name}_flow")(p, *(getattr(a, x) for x in args))
+    return run
+
+
+def _evaluate(p, a):
+    from diffusion.artifacts import write_adherence_plot
+    from flows.stages import evaluate_flow
+
+    metrics = evaluate_flow(p, a.samples, a.judge, a.model, a.metrics)
+    if a.plots:
+        write_adherence_plot(metrics, a.plots)
+
+
+def _promote(p, a):
+    from flows.promote import promote_model_flow
+
+    promote_model_flow(p, a.registered, a.out, a.version, a.model_name)
+
+
+def _rollback(p, a):
+    import mlflow
+
+    from diffusion import tracking
+    from diffusion.promote import rollback
+
+    tracking.setup(p.mlflow)
+    d = rollback(mlflow.MlflowClient(), tracking.tracking_uri(p.mlflow), a.model_name or p.register.model_name,
+                 p.promote.alias)
+    print(d.line())
+
+
+def _lineage(p, a):
+    import mlflow
+
+    from diffusion import tracking
+    from diffusion.registry import parse_model_uri, resolve_version
+
+    tracking.setup(p.mlflow)
+    mv = resolve_version(parse_model_uri(a.model or p.batch.model_uri, p.promote.alias))
+    tags = dict(sorted((mv.tags or {}).items()))
+    info = {"name": mv.name, "version": mv.version, "run_id": mv.run_id, "aliases": list(mv.aliases or []),
+            "tags": tags}
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return
+    aliases = " ".join(f"@{x}" for x in info["aliases"])
+    print(f"{mv.name} version {mv.version} {aliases}".rstrip() + f"  (run {mv.run_id}, {mlflow.get_tracking_uri()})")
+    width = max(len(k) for k in tags) if tags else 0
+    for k, v in tags.items():
+        print(f"  {k:<{width}}  {v}")
+
+
+def _generate(p, a):
+    from flows.batch import batch_generation_flow
+
+    summary = batch_generation_flow(a.prompts, a.model or p.batch.model_uri, a.output_dir or p.batch.output_dir,
+                                    a.run_name, a.date, a.params, a.guidance_scale, a.steps, a.sampler)
+    print(json.dumps(summary, indent=2))
+
+
+def _pipeline(p, a):
+    if a.params != "params.yaml" or a.overrides:
+        raise T2IError("t2i pipeline runs dvc repro, which reads params.yaml: edit it instead of --params/-s")
+    from flows.pipeline import train_flow
+
+    train_flow(project_dir=".", stages=a.stages, force=a.force)
+
+
+def _summary(p, a):
+    from diffusion import tracking
+    from flows.project import summary
+
+    print(summary(".", tracking.tracking_uri(p.mlflow)))
+
+
+COMMANDS: dict[str, Callable] = {
+    "ingest": _ingest,
+    "embed": _stage("embed", "shards", "out"),
+    "judge": _stage("judge", "shards", "out", "metrics"),
+    "train": _stage("train_stage", "shards", "embeddings", "out"),
+    "sample": _stage("sample", "shards", "model", "out"),
+    "evaluate": _evaluate,
+    "register": _stage("register", "model", "metrics", "out"),
+    "promote": _promote,
+    "rollback": _rollback,
+    "lineage": _lineage,
+    "generate": _generate,
+    "pipeline": _pipeline,
+    "summary": _summary,
+}
+
+
 def _run(args: argparse.Namespace) -> None:
+    from diffusion.artifacts import require
     from diffusion.config import load_params
 
     overrides = list(args.overrides)
@@ -74,44 +213,14 @@ def _run(args: argparse.Namespace) -> None:
     if getattr(args, "input", None):
         overrides.append(f"ingest.path={json.dumps(args.input)}")
     p = load_params(args.params, overrides)
-    cmd = args.command
-    for arg, what, maker in INPUTS.get(cmd, []):
-        require_path(getattr(args, arg), what, f"run the {maker} stage first")
-    if cmd in ("embed", "sample", "register"):
+    for arg, what, maker in INPUTS.get(args.command, []):
+        if getattr(args, arg) is not None:
+            require(getattr(args, arg), what, maker)
+    if args.command in NEEDS_TEXT_MODEL:
         from diffusion.text import model_config
 
         model_config(p.embed.model)  # unknown model names fail here, in one line
-
-    if cmd == "summary":
-        from diffusion import tracking
-        from flows.project import summary
-
-        print(summary(".", tracking.tracking_uri(p.mlflow)))
-        return
-    if cmd == "pipeline":
-        if args.params != "params.yaml" or args.overrides:
-            raise T2IError("t2i pipeline runs dvc repro, which reads params.yaml: edit it instead of --params/-s")
-        from flows.pipeline import train_flow
-
-        train_flow(project_dir=".", stages=args.stages, force=args.force)
-        return
-
-    from flows import stages as f
-
-    if cmd == "ingest":
-        f.run_ingest_flow(p, args.out)
-    elif cmd == "embed":
-        f.embed_flow(p, args.shards, args.out)
-    elif cmd == "judge":
-        f.judge_flow(p, args.shards, args.out, args.metrics)
-    elif cmd == "train":
-        f.train_stage_flow(p, args.shards, args.embeddings, args.out)
-    elif cmd == "sample":
-        f.sample_flow(p, args.shards, args.model, args.out)
-    elif cmd == "evaluate":
-        f.evaluate_flow(p, args.samples, args.judge, args.model, args.metrics)
-    elif cmd == "register":
-        f.register_flow(p, args.model, args.metrics, args.out)
+    COMMANDS[args.command](p, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-STAGES = ("ingest", "embed", "judge", "train", "sample", "evaluate", "register")
+from diffusion.errors import T2IError
+from flows.project import STAGES
+
 
 
 def stage_env(api_url: str | None) -> dict[str, str]:
@@ -46,18 +48,19 @@ def repro_stage(stage: str, project_dir: str, force: bool, api_url: str | None) 
 
 @flow(name="train-flow", log_prints=True)
 def train_flow(project_dir: str = ".", stages: list[str] | None = None, force: bool = False) -> dict:
-    """Reproduce the pipeline (ingest -> embed -> judge -> train -> sample -> evaluate -> register).
+    """Reproduce the pipeline (ingest -> embed -> judge -> train -> sample -> evaluate -> register
+    -> promote): it ends with the promotion policy applied to the version it registered.
 
     ``stages`` limits the run to some stages (and whatever DVC finds stale upstream of them);
     ``force`` reruns them even if nothing changed.
     """
     project = Path(project_dir).resolve()
     if not (project / "dvc.yaml").is_file():
-        raise FileNotFoundError(f"no dvc.yaml in {project}")
+        raise T2IError(f"no dvc.yaml in {project}: run train-flow from the project folder")
     chosen = list(stages or STAGES)
     unknown = [s for s in chosen if s not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        raise T2IError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     api_url = current_api_url()
     for stage in chosen:
         repro_stage(stage, str(project), force, api_url)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import yaml
 
+# dvc.yaml's stages, in pipeline order (train-flow runs them one by one; `t2i pipeline --stage` checks names)
+STAGES = ("ingest", "embed", "judge", "train", "sample", "evaluate", "register", "promote")
+
 
 def _first(entries: list) -> str | None:
     for e in entries or []:

@@ -15,7 +15,8 @@ def test_shipped_params_load_and_spell_out_every_key():
     # the shipped file lists every key, so DVC tracks each one: parsing it equals the defaults only
     # where the file agrees, and no section is missing from the file
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(data) == {"dataset", "ingest", "embed", "judge", "train", "sample", "register", "mlflow"}
+    assert set(data) == {"dataset", "ingest", "embed", "judge", "train", "sample", "register", "promote", "batch",
+                         "mlflow"}
     assert set(data["train"]) | {"unet"} == set(Params().train.__dataclass_fields__)
 
 

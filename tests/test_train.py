@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from diffusion.generate import SamplerSettings, generate, table_cond
 from diffusion.shards import list_shards
 from diffusion.text import EmbeddingTable
-from diffusion.train import DataPosition, ShardStream, load_model, train
+from diffusion.artifacts import load_model
+from diffusion.train import DataPosition, ShardStream, train
 
 
 class Recorder:

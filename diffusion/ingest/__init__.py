@@ -40,13 +40,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from diffusion.artifacts import SPLITS, STATS, index_file
 from diffusion.config import DatasetConfig, IngestConfig
 from diffusion.ingest.core import REASONS, ProcessedImage, Rejected
 from diffusion.ingest.decode import clean_caption, content_hash, process_image
 from diffusion.ingest.sources import RawItem, SourceSpec, Unit, plan, read
 from diffusion.shards import ShardWriter, caption_id, encode_image
 
-SPLITS = ("train", "val")
+
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("shard", pa.string()),
                           ("caption", pa.string()), ("caption_id", pa.string()), ("sha256", pa.string()),
                           ("meta", pa.string())])
@@ -335,12 +336,12 @@ class Committer:
         }
         for split in SPLITS:
             self._merge_index(split)
-        _write_if_changed(self.out / "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
+        _write_if_changed(self.out / STATS, (json.dumps(stats, indent=2) + "\n").encode())
         return stats
 
     def _merge_index(self, split: str) -> None:
         """index-<split>.parquet from the unit fragments, streamed (flat memory), written if changed."""
-        path = self.out / f"index-{split}.parquet"
+        path = index_file(self.out, split)
         tmp = path.with_name(f".{path.name}.tmp")
         with pq.ParquetWriter(tmp, INDEX_SCHEMA) as w:
             for u in self.units:

@@ -1,0 +1,288 @@
+"""Every file passed between stages: its name, how it is saved and loaded, and the check that it
+exists (with the stage that makes it, for the one-line error).
+
+Stages, the registry, evaluation, batch generation, the flows and the CLI import names and
+loaders from here instead of reaching into the module of the stage that wrote them, so each file
+name is spelled once::
+
+    shards/      train/shard-*.tar  val/shard-*.tar  index-{split}.parquet  stats.json     (ingest)
+    model/       model.safetensors  model.json  checkpoint.pt  run.json  *.png  loss.csv  (train)
+    samples/     images/NNNNNN.png  manifest.parquet  grid.png                           (sample)
+    judge/       judge.safetensors  judge.json                                            (judge)
+    bundle/      denoiser/  text_encoder.safetensors  text_encoder.json  sampler.json    (register)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from diffusion.errors import MissingInputError, T2IError, require_path
+
+# ---------------------------------------------------------------------------------------------
+# Generic: atomic writes and must-exist checks
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` under a temporary name in the same folder, then rename: a reader (or a
+    killed writer) never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def read_json(path: str | Path, what: str, maker: str) -> Any:
+    """Load a JSON file a stage wrote; missing: a one-line error naming the stage that makes it."""
+    return json.loads(require_path(path, what, f"run the {maker} stage first").read_text())
+
+
+def require(path: str | Path, what: str, maker: str) -> Path:
+    return require_path(path, what, f"run the {maker} stage first")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards (ingest)
+
+SPLITS = ("train", "val")
+SHARD_GLOB = "shard-*.tar"
+STATS = "stats.json"
+
+
+def index_file(shards_dir: str | Path, split: str) -> Path:
+    return Path(shards_dir) / f"index-{split}.parquet"
+
+
+def index_files(shards_dir: str | Path) -> list[Path]:
+    """Every split's index (at least one), for the captions of all splits."""
+    root = require(shards_dir, "shards", "ingest")
+    found = [index_file(root, s) for s in SPLITS if index_file(root, s).is_file()]
+    if not found:
+        raise MissingInputError(f"no shard index (index-*.parquet) in {root} (run the ingest stage first)")
+    return found
+
+
+def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
+    """The split's shard files (at least one), sorted."""
+    split_dir = require(Path(shards_dir) / split, f"{split} shards", "ingest")
+    urls = sorted(str(p) for p in split_dir.glob(SHARD_GLOB))
+    if not urls:
+        raise MissingInputError(f"no {split} shards ({SHARD_GLOB}) in {split_dir} (run the ingest stage first)")
+    return urls
+
+
+def shard_stats(shards_dir: str | Path) -> dict:
+    return read_json(Path(shards_dir) / STATS, "shard stats", "ingest")
+
+
+def square_image_size(shards_dir: str | Path) -> int:
+    """The image side the shards were written at; training needs square images."""
+    stats = shard_stats(shards_dir)
+    if stats.get("resize_mode") == "keep_ratio":
+        raise T2IError("training needs square images: ingest with ingest.resize_mode center_crop or pad")
+    return int(stats["image_size"])
+
+
+def split_captions(shards_dir: str | Path, split: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    path = require(index_file(shards_dir, split), f"{split} index", "ingest")
+    return pq.read_table(path, columns=["caption"]).column("caption").to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained model (train)
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "model.json"
+CHECKPOINT = "checkpoint.pt"
+RUN_FILE = "run.json"  # the MLflow run the model was trained in
+TRAIN_GRID = "train_grid.png"
+LOSS_CURVE = "loss_curve.png"
+LOSS_HISTORY = "loss.csv"  # step,loss: a DVC plot
+
+
+def build_denoiser(unet, text_dim: int, pooled_dim: int, cfg):
+    """The network behind its preconditioning, from a UNetConfig and a TrainConfig."""
+    from diffusion.model import UNet
+    from diffusion.precond import Denoiser
+
+    net = UNet(unet, text_dim=text_dim, pooled_dim=pooled_dim)
+    return Denoiser(net, cfg.timesteps, cfg.beta_min, cfg.beta_max, cfg.prediction)
+
+
+def require_model(model_dir: str | Path) -> Path:
+    d = Path(model_dir)
+    for f in (MODEL_WEIGHTS, MODEL_CONFIG):
+        if not (d / f).is_file():
+            raise MissingInputError(f"trained model not found: {d / f} (run the train stage first)")
+    return d
+
+
+def save_model(ema, out_dir: str | Path, meta: dict) -> None:
+    """The EMA weights (float32 safetensors) and everything needed to rebuild the network."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in ema.net.state_dict().items()},
+              str(out / MODEL_WEIGHTS))
+    write_json(out / MODEL_CONFIG, meta)
+
+
+def model_meta(model_dir: str | Path) -> dict:
+    return json.loads((require_model(model_dir) / MODEL_CONFIG).read_text())
+
+
+def load_model(model_dir: str | Path, device="cpu"):
+    """(denoiser in eval mode on ``device``, meta) from model.safetensors + model.json."""
+    from safetensors.torch import load_file
+
+    from diffusion.config import TrainConfig, UNetConfig
+
+    d = require_model(model_dir)
+    meta = json.loads((d / MODEL_CONFIG).read_text())
+    train_cfg = TrainConfig(**{k: v for k, v in meta["train"].items() if k != "unet"},
+                            unet=UNetConfig(**meta["train"]["unet"]))
+    den = build_denoiser(train_cfg.unet, meta["text_dim"], meta["pooled_dim"], train_cfg)
+    den.net.load_state_dict(load_file(str(d / MODEL_WEIGHTS)))
+    return den.to(device).eval(), meta
+
+
+def write_run_file(model_dir: str | Path, run_id: str, experiment_id: str, uri: str) -> None:
+    write_json(Path(model_dir) / RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri})
+
+
+def read_run_file(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_loss_history(model_dir: str | Path, points: list[tuple[int, float]]) -> Path:
+    lines = ["step,loss"] + [f"{s},{v:.6g}" for s, v in points]
+    return atomic_write_bytes(Path(model_dir) / LOSS_HISTORY, ("\n".join(lines) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated images (sample, batch generation)
+
+MANIFEST = "manifest.parquet"
+GRID = "grid.png"
+IMAGES = "images"
+
+
+def write_manifest(rows: list[dict], path: str | Path, schema=None) -> Path:
+    """A parquet manifest, written atomically."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def read_manifest(samples_dir: str | Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(require(Path(samples_dir) / MANIFEST, "sample manifest", "sample")).to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Judge (judge)
+
+JUDGE_WEIGHTS = "judge.safetensors"
+JUDGE_INFO = "judge.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports (evaluate, register, promote)
+
+
+def read_metrics(metrics_file: str | Path) -> dict:
+    return read_json(metrics_file, "metrics", "evaluate")
+
+
+def write_adherence_plot(metrics: dict, path: str | Path) -> Path:
+    """The adherence numbers as a table (metric, value), e.g. ``held_out.all,0.9``: a DVC bar
+    plot. Header only where the judge does not apply."""
+    lines = ["metric,value"]
+    for group, scores in (metrics.get("adherence") or {}).items():
+        lines += [f"{group}.{k},{v:.6g}" for k, v in scores.items() if k != "n"]
+    return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def read_registered(registered_file: str | Path) -> dict:
+    """The record the register stage wrote: {name, version, uri, run_id, tracking_uri}."""
+    return read_json(registered_file, "registered model record", "register")
+
+
+# ---------------------------------------------------------------------------------------------
+# The logged MLflow model (register -> pyfunc, batch generation, serving)
+
+BUNDLE_DENOISER = "denoiser"
+BUNDLE_TEXT_WEIGHTS = "text_encoder.safetensors"
+BUNDLE_TEXT_SPEC = "text_encoder.json"
+BUNDLE_SAMPLER = "sampler.json"
+BUNDLE_EVAL = "evaluation.json"  # the evaluation fingerprint and metrics the version was registered with
+
+
+def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, evaluation: dict) -> dict[str, str]:
+    """Lay out a self-contained model in ``dest``; returns MLflow's {artifact name: path}."""
+    import shutil
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    dest = Path(dest)
+    (dest / BUNDLE_DENOISER).mkdir(parents=True)
+    src = require_model(model_dir)
+    for f in (MODEL_WEIGHTS, MODEL_CONFIG):
+        shutil.copy(src / f, dest / BUNDLE_DENOISER / f)
+    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()},
+              str(dest / BUNDLE_TEXT_WEIGHTS))
+    write_json(dest / BUNDLE_TEXT_SPEC, {"model": encoder.fingerprint["model"], "layer": encoder.layer,
+                                         "fingerprint": encoder.fingerprint})
+    write_json(dest / BUNDLE_SAMPLER, asdict(settings))
+    write_json(dest / BUNDLE_EVAL, evaluation)
+    names = (BUNDLE_DENOISER, BUNDLE_TEXT_WEIGHTS, BUNDLE_TEXT_SPEC, BUNDLE_SAMPLER, BUNDLE_EVAL)
+    return {n.split(".")[0]: str(dest / n) for n in names}
+
+
+def load_bundle(artifacts: dict[str, str], device="cpu"):
+    """(denoiser, meta, text encoder, sampler settings) from a bundle's artifact paths (as MLflow
+    hands them to ``load_context``, or ``bundle_paths`` of a downloaded model)."""
+    from diffusion.generate import SamplerSettings
+    from diffusion.text import load_text_encoder
+
+    spec = json.loads(Path(artifacts["text_encoder"]).read_text())
+    encoder = load_text_encoder(spec["model"], pretrained=artifacts["text_encoder"], layer=spec["layer"],
+                                device=str(device), fingerprint=spec["fingerprint"])
+    denoiser, meta = load_model(artifacts["denoiser"], device)
+    settings = SamplerSettings(**json.loads(Path(artifacts["sampler"]).read_text()))
+    return denoiser, meta, encoder, settings
+
+
+def bundle_paths(model_root: str | Path) -> dict[str, str]:
+    """Artifact paths of a downloaded MLflow model folder (the one holding ``MLmodel``)."""
+    root = Path(model_root) / "artifacts"
+    names = (BUNDLE_DENOISER, BUNDLE_TEXT_WEIGHTS, BUNDLE_TEXT_SPEC, BUNDLE_SAMPLER)
+    paths = {n.split(".")[0]: str(root / n) for n in names}
+    for p in paths.values():
+        if not Path(p).exists():
+            raise T2IError(f"{model_root} is not a t2i model: {p} is missing")
+    return paths
