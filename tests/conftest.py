@@ -87,3 +87,40 @@ def prefect_server(tmp_path_factory):
     server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_params, tiny_shards, tiny_embeddings, tmp_path_factory) -> Path:
+    """A tiny trained model folder (model.safetensors + model.json), as the train stage writes it."""
+    from diffusion.artifacts import shard_urls
+    from diffusion.text import EmbeddingTable
+    from diffusion.train import train
+
+    out = tmp_path_factory.mktemp("model")
+    train(tiny_params.train, shard_urls(tiny_shards, "train"), EmbeddingTable.load(tiny_embeddings), out,
+          image_size=16, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def registered_model(tiny_params, tiny_model, text_encoder, tmp_path_factory) -> dict:
+    """A real MLflow SQLite store (in a temporary folder) holding t2i-shapes version 1 of the tiny
+    model as the pipeline registers it, with @champion on it. Returns {tracking_uri, name, version, dir}."""
+    import mlflow
+
+    from diffusion.registry import log_and_register
+    from diffusion.sample import settings_of
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("t2i-test", artifact_location=(root / "art").as_uri()))
+        info = log_and_register(tiny_model, text_encoder, settings_of(tiny_params.sample),
+                                {"adherence.held_out.all": 0.6}, "t2i-shapes",
+                                evaluation={"id": "fp-test"}, lineage={"lineage.git_commit": "test"})
+        mlflow.MlflowClient().set_registered_model_alias("t2i-shapes", "champion", str(info["version"]))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return {"tracking_uri": uri, "name": "t2i-shapes", "version": info["version"], "dir": root}
