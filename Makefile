@@ -9,7 +9,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test test-fast install clean
+.PHONY: run test test-fast install clean stack stack-down stack-status
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,19 @@ test: $(BIN)/.installed
 ## test-fast: unit tests only
 test-fast: $(BIN)/.installed
 	$(BIN)/pytest -q -m "not e2e"
+
+## stack: Prefect server + work pool `local` + deployments + worker, and the MLflow UI, on 127.0.0.1
+##        (idempotent; ports T2I_PREFECT_PORT=4200, T2I_MLFLOW_PORT=5000; pids, logs and env in .stack/)
+stack: $(BIN)/.installed
+	$(BIN)/python -m flows.stack up
+
+## stack-down: stop what `make stack` started (nothing else)
+stack-down: $(BIN)/.installed
+	$(BIN)/python -m flows.stack down
+
+## stack-status: what the stack runs
+stack-status: $(BIN)/.installed
+	$(BIN)/python -m flows.stack status
 
 clean:
 	rm -rf data/shards data/embeddings data/judge data/model data/samples reports mlflow.db mlartifacts
