@@ -239,6 +239,9 @@ BUNDLE_TEXT_WEIGHTS = "text_encoder.safetensors"
 BUNDLE_TEXT_SPEC = "text_encoder.json"
 BUNDLE_SAMPLER = "sampler.json"
 BUNDLE_EVAL = "evaluation.json"  # the evaluation fingerprint and metrics the version was registered with
+# MLflow artifact name -> file or folder in the bundle
+BUNDLE = {"denoiser": BUNDLE_DENOISER, "text_encoder": BUNDLE_TEXT_WEIGHTS, "text_encoder_spec": BUNDLE_TEXT_SPEC,
+          "sampler": BUNDLE_SAMPLER, "evaluation": BUNDLE_EVAL}
 
 
 def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, evaluation: dict) -> dict[str, str]:
@@ -259,8 +262,7 @@ def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, eva
                                          "fingerprint": encoder.fingerprint})
     write_json(dest / BUNDLE_SAMPLER, asdict(settings))
     write_json(dest / BUNDLE_EVAL, evaluation)
-    names = (BUNDLE_DENOISER, BUNDLE_TEXT_WEIGHTS, BUNDLE_TEXT_SPEC, BUNDLE_SAMPLER, BUNDLE_EVAL)
-    return {n.split(".")[0]: str(dest / n) for n in names}
+    return {name: str(dest / f) for name, f in BUNDLE.items()}
 
 
 def load_bundle(artifacts: dict[str, str], device="cpu"):
@@ -269,7 +271,7 @@ def load_bundle(artifacts: dict[str, str], device="cpu"):
     from diffusion.generate import SamplerSettings
     from diffusion.text import load_text_encoder
 
-    spec = json.loads(Path(artifacts["text_encoder"]).read_text())
+    spec = json.loads(Path(artifacts["text_encoder_spec"]).read_text())
     encoder = load_text_encoder(spec["model"], pretrained=artifacts["text_encoder"], layer=spec["layer"],
                                 device=str(device), fingerprint=spec["fingerprint"])
     denoiser, meta = load_model(artifacts["denoiser"], device)
@@ -280,8 +282,7 @@ def load_bundle(artifacts: dict[str, str], device="cpu"):
 def bundle_paths(model_root: str | Path) -> dict[str, str]:
     """Artifact paths of a downloaded MLflow model folder (the one holding ``MLmodel``)."""
     root = Path(model_root) / "artifacts"
-    names = (BUNDLE_DENOISER, BUNDLE_TEXT_WEIGHTS, BUNDLE_TEXT_SPEC, BUNDLE_SAMPLER)
-    paths = {n.split(".")[0]: str(root / n) for n in names}
+    paths = {name: str(root / f) for name, f in BUNDLE.items() if name != "evaluation"}
     for p in paths.values():
         if not Path(p).exists():
             raise T2IError(f"{model_root} is not a t2i model: {p} is missing")

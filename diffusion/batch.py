@@ -359,6 +359,28 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
+def check_request(prompts_file: str | Path, model: str, output_root: str | Path, run_name: str,
+                  date: str | None = None) -> Prompts:
+    """The cheap checks, before any model is loaded: the prompts file reads, the model reference
+    resolves (registry name, version or alias; or the folder exists), and the batch folder, if it
+    exists, was drawn by that registry version. Raises one-line T2IErrors."""
+    prompts = read_prompts(prompts_file)
+    out = batch_dir(output_root, run_name, date)
+    if model.startswith("models:/") or not Path(model).exists():
+        if not model.startswith("models:/") and "/" in model:
+            raise MissingInputError(f"model folder not found: {model}")
+        from diffusion.registry import parse_model_uri, resolve_version
+
+        mv = resolve_version(parse_model_uri(model))
+        if (out / BATCH_FILE).is_file():
+            old = json.loads((out / BATCH_FILE).read_text()).get("model", {})
+            if (old.get("model_name"), old.get("model_version")) != (mv.name, str(mv.version)):
+                raise T2IError(f"{out} holds images from {old.get('model_name')} version {old.get('model_version')}, "
+                               f"not {mv.name} version {mv.version}: refusing to mix; use another run name or "
+                               "output folder")
+    return prompts
+
+
 def run_batch(prompts_file: str | Path, model: str, output_root: str | Path, run_name: str, *, date: str | None = None,
               cfg=None, params=None, overrides: dict | None = None, progress: bool = True, log=print) -> dict:
     """The whole thing, as the CLI and the flow call it: read, load, plan, generate."""

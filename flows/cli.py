@@ -164,10 +164,18 @@ def _lineage(p, a):
 
 
 def _generate(p, a):
+    import mlflow
+
+    from diffusion import tracking
+    from diffusion.batch import check_request
     from flows.batch import batch_generation_flow
 
+    mlflow.set_tracking_uri(tracking.tracking_uri(p.mlflow))
+    check_request(a.prompts, a.model or p.batch.model_uri, a.output_dir or p.batch.output_dir, a.run_name, a.date)
+
     summary = batch_generation_flow(a.prompts, a.model or p.batch.model_uri, a.output_dir or p.batch.output_dir,
-                                    a.run_name, a.date, a.params, a.guidance_scale, a.steps, a.sampler)
+                                    a.run_name, a.date, a.params, a.guidance_scale, a.steps, a.sampler,
+                                    a.overrides)
     print(json.dumps(summary, indent=2))
 
 

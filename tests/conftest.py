@@ -76,6 +76,7 @@ def copy_project(dest: Path) -> Path:
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "prefect.yaml", "pyproject.toml"):
         shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "prompts", dest / "prompts")
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
     return dest
 
