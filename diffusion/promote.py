@@ -117,11 +117,11 @@ def _record(client, d: Decision) -> None:
 
 
 def newest_version(client, name: str) -> int:
-    from diffusion.registry import ModelRef, resolve_version
+    from diffusion.registry import registered_model
 
+    registered_model(client, name)  # the one-line "no such model" error
     versions = [int(v.version) for v in client.search_model_versions(f"name='{name}'")]
     if not versions:
-        resolve_version(ModelRef(name, alias="champion"), client)  # the one-line "no such model" error
         raise T2IError(f"model {name!r} has no versions yet (run the pipeline first)")
     return max(versions)
 

@@ -30,6 +30,7 @@ from diffusion.lineage import EVAL_TAG
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 OVERRIDABLE = ("guidance_scale", "steps", "sampler", "eta")
+SAMPLERS = ("ddim", "ddpm")
 
 
 class T2IModel(mlflow.pyfunc.PythonModel):
@@ -50,13 +51,31 @@ class T2IModel(mlflow.pyfunc.PythonModel):
         seeds = [int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(len(prompts)))
         negatives = ([("" if n is None or n != n else str(n)) for n in model_input["negative_prompt"]]
                      if "negative_prompt" in model_input else None)
-        settings = self.settings
-        overrides = {k: v for k, v in (params or {}).items() if k in OVERRIDABLE and v is not None}
-        if overrides:
-            settings = SamplerSettings(**{**asdict(settings), **overrides})
+        settings = self._settings(params)
         cond, uncond = encode_prompts(self.encoder, prompts, negatives=negatives)
         images = generate(self.denoiser, cond, uncond, seeds, self.meta["image_size"], settings)
         return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": [png_bytes(img) for img in images]})
+
+    def _settings(self, params: dict | None) -> SamplerSettings:
+        """The registered sampler settings with ``params`` applied; a bad value is an
+        INVALID_PARAMETER_VALUE error (HTTP 400 with this message when served), not a silent
+        fallback (an unknown sampler would otherwise sample as DDIM) or a bare stack trace."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        overrides = {k: v for k, v in (params or {}).items() if k in OVERRIDABLE and v is not None}
+        if not overrides:
+            return self.settings
+        s = SamplerSettings(**{**asdict(self.settings), **overrides})
+        T = len(self.denoiser.sigmas)
+        problems = [msg for bad, msg in (
+            (s.sampler not in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}"),
+            (not 1 <= s.steps <= T, f"steps must be in 1..{T}, got {s.steps}"),
+            (not 0 <= s.eta <= 1, f"eta must be in [0, 1], got {s.eta}"),
+        ) if bad]
+        if problems:
+            raise MlflowException("bad params: " + "; ".join(problems), error_code=INVALID_PARAMETER_VALUE)
+        return s
 
 
 def png_bytes(image) -> bytes:
@@ -73,11 +92,7 @@ def log_and_register(model_dir: str | Path, encoder, settings: SamplerSettings, 
     evaluation = evaluation or {}
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = write_bundle(tmp, model_dir, encoder, settings, {"fingerprint": evaluation, "metrics": metrics})
-        example = pd.DataFrame({"prompt": ["a large red circle on the left"], "seed": [0]})
-        signature = mlflow.models.infer_signature(
-            example, pd.DataFrame({"prompt": ["p"], "seed": [0], "image": [b"png"]}),
-            params={"guidance_scale": float(settings.guidance_scale), "steps": int(settings.steps)},
-        )
+        signature = model_signature(settings)
         with mlflow.start_run(run_id=run_id) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=T2IModel(), artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
@@ -96,6 +111,27 @@ def log_and_register(model_dir: str | Path, encoder, settings: SamplerSettings, 
         f"combinations, {metrics.get('adherence.held_out.all', float('nan')):.1%} on held-out ones"))
     return {"name": model_name, "version": int(version.version), "uri": f"models:/{model_name}/{version.version}",
             "run_id": run_id}
+
+
+def model_signature(settings: SamplerSettings):
+    """prompt (required), seed and negative_prompt (optional) in; prompt, seed, PNG bytes out.
+
+    Written out rather than inferred from an example: an inferred schema makes every example
+    column required and drops (with only a server-log warning) any column it has not seen, so a
+    served ``negative_prompt`` would be silently ignored. The params' defaults are the registered
+    sampler settings (an override equal to them changes nothing)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False),
+                       ColSpec("string", "negative_prompt", required=False)]),
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
+        params=ParamSchema([ParamSpec("guidance_scale", "double", float(settings.guidance_scale)),
+                            ParamSpec("steps", "long", int(settings.steps)),
+                            ParamSpec("sampler", "string", str(settings.sampler)),
+                            ParamSpec("eta", "double", float(settings.eta))]),
+    )
 
 
 def _requirements() -> list[str]:
@@ -135,12 +171,7 @@ def resolve_version(ref: ModelRef, client=None):
     from mlflow.exceptions import MlflowException
 
     client = client or mlflow.MlflowClient()
-    try:
-        model = client.get_registered_model(ref.name)
-    except MlflowException:
-        known = sorted(m.name for m in client.search_registered_models())
-        raise T2IError(f"no registered model named {ref.name!r} in {mlflow.get_tracking_uri()} "
-                       f"(registered: {', '.join(known) or 'none'}; run the pipeline first)") from None
+    model = registered_model(client, ref.name)
     if ref.alias:
         if ref.alias not in (model.aliases or {}):
             have = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "no aliases"
@@ -153,3 +184,15 @@ def resolve_version(ref: ModelRef, client=None):
         versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{ref.name}'"))
         raise T2IError(f"model {ref.name!r} has no version {ref.version} "
                        f"(versions: {', '.join(map(str, versions)) or 'none'})") from None
+
+
+def registered_model(client, name: str):
+    """The registry's RegisteredModel ``name``; one line naming the ones there are if it is unknown."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise T2IError(f"no registered model named {name!r} in {client.tracking_uri} "
+                       f"(registered: {', '.join(known) or 'none'}; run the pipeline first)") from None
