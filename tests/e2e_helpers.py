@@ -99,3 +99,45 @@ def init_repo(project: Path, env: dict) -> None:
     run([str(BIN / "dvc"), "config", "core.analytics", "false"], project, env)
     run(["git", "add", "-A"], project, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "project"], project, env)
+
+
+# --- DVC remote, git commits, experiments -----------------------------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DVC_REMOTE = "local"  # the default remote the committed .dvc/config names
+
+
+def git_commit(project: Path, env: dict, message: str, *paths: str) -> str:
+    """``git add`` the paths (all tracked changes when none) and commit; returns the new HEAD."""
+    run(["git", "add", *(paths or ("-u",))], project, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message], project, env)
+    return run(["git", "rev-parse", "HEAD"], project, env).stdout.strip()
+
+
+def set_dvc_remote(project: Path, remote_dir: Path, env: dict) -> None:
+    """Point the default remote at ``remote_dir`` in .dvc/config.local (per user, never committed),
+    as the README tells users to."""
+    run([str(BIN / "dvc"), "remote", "modify", "--local", DVC_REMOTE, "url", str(remote_dir)], project, env)
+
+
+def use_project_dvc_config(project: Path, remote_dir: Path, env: dict) -> None:
+    """The project's committed .dvc/config (its default remote) in a repo made by ``init_repo``,
+    committed, with the remote pointed at ``remote_dir`` for this checkout only."""
+    (project / ".dvc" / "config").write_text((PROJECT_ROOT / ".dvc" / "config").read_text())
+    git_commit(project, env, "dvc config", ".dvc/config")
+    set_dvc_remote(project, remote_dir, env)
+
+
+def dvc_experiments(project: Path, env: dict) -> list[dict]:
+    """``dvc exp show --json`` flattened: one {name, rev, params, metrics} per experiment (not baselines);
+    params and metrics as in params.yaml / the metrics files, keyed by file."""
+    rows = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], project, env).stdout)
+    out = []
+    for baseline in rows:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                out.append({"name": rev.get("name"), "rev": rev.get("rev"),
+                            "params": {f: v.get("data", {}) for f, v in (data.get("params") or {}).items()},
+                            "metrics": {f: v.get("data", {}) for f, v in (data.get("metrics") or {}).items()}})
+    return out
