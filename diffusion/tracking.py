@@ -28,13 +28,16 @@ def setup(cfg: MlflowConfig) -> str:
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
-        return exp.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:///"):
-        # keep artifacts next to the database, as an absolute URI any later process can open
-        db = Path(uri.removeprefix("sqlite:///")).resolve()
-        artifact_location = (db.parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+        experiment_id = exp.experiment_id
+    else:
+        artifact_location = None
+        if uri.startswith("sqlite:///"):
+            # keep artifacts next to the database, as an absolute URI any later process can open
+            db = Path(uri.removeprefix("sqlite:///")).resolve()
+            artifact_location = (db.parent / "mlartifacts").as_uri()
+        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment_id=experiment_id)  # runs started after this land in it
+    return experiment_id
 
 
 class MlflowLogger:
