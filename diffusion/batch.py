@@ -164,14 +164,6 @@ class Generator:
                 "weights_sha256": self.weights_sha256}
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_generator(model: str, *, device: str = "auto", params=None) -> Generator:
     """Load ``model``: ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` from the MLflow
     registry (the tracking URI must be set), a downloaded MLflow model folder (with ``MLmodel``),
@@ -185,7 +177,7 @@ def load_generator(model: str, *, device: str = "auto", params=None) -> Generato
         if (local / "MLmodel").is_file():
             den, meta, enc, settings = art.load_bundle(art.bundle_paths(local), dev)
             return Generator(den, meta, enc, settings, local.name, "local", "",
-                             _sha256_file(local / "artifacts" / art.BUNDLE_DENOISER / art.MODEL_WEIGHTS), str(local.resolve()))
+                             art.sha256_file(local / "artifacts" / art.BUNDLE_DENOISER / art.MODEL_WEIGHTS), str(local.resolve()))
         if params is None:
             raise T2IError(f"{local}: a train-stage model folder needs params (for its text encoder)")
         from diffusion.generate import check_fingerprint
@@ -197,7 +189,7 @@ def load_generator(model: str, *, device: str = "auto", params=None) -> Generato
         enc = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, str(dev))
         check_fingerprint(enc, meta)
         return Generator(den, meta, enc, settings_of(params.sample), local.resolve().name, "local", "",
-                         _sha256_file(local / art.MODEL_WEIGHTS), str(local.resolve()))
+                         art.sha256_file(local / art.MODEL_WEIGHTS), str(local.resolve()))
     if not model.startswith("models:/") and "@" not in model and "/" in model:
         raise MissingInputError(f"model folder not found: {model}")
     import mlflow
@@ -209,7 +201,7 @@ def load_generator(model: str, *, device: str = "auto", params=None) -> Generato
     root = Path(mlflow.artifacts.download_artifacts(f"models:/{ref.name}/{mv.version}"))
     den, meta, enc, settings = art.load_bundle(art.bundle_paths(root), dev)
     return Generator(den, meta, enc, settings, ref.name, str(mv.version), mv.run_id or "",
-                     _sha256_file(root / "artifacts" / art.BUNDLE_DENOISER / art.MODEL_WEIGHTS), f"models:/{ref.name}/{mv.version}")
+                     art.sha256_file(root / "artifacts" / art.BUNDLE_DENOISER / art.MODEL_WEIGHTS), f"models:/{ref.name}/{mv.version}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +274,7 @@ def _verified_parts(out: Path) -> dict[int, dict]:
         except Exception:  # noqa: BLE001 - a damaged part is simply redone
             part.unlink()
             continue
-        if all((out / r["file"]).is_file() and _sha256_file(out / r["file"]) == r["sha256"] for r in rows):
+        if all((out / r["file"]).is_file() and art.sha256_file(out / r["file"]) == r["sha256"] for r in rows):
             done.update({r["index"]: r for r in rows})
         else:
             part.unlink()

@@ -24,13 +24,14 @@ import pandas as pd
 from PIL import Image
 
 from diffusion.artifacts import load_bundle, write_bundle
+from diffusion.config import CHOICES
 from diffusion.errors import T2IError
 from diffusion.generate import SamplerSettings, encode_prompts, generate
 from diffusion.lineage import EVAL_TAG
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 OVERRIDABLE = ("guidance_scale", "steps", "sampler", "eta")
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = CHOICES["sample.sampler"]
 
 
 class T2IModel(mlflow.pyfunc.PythonModel):

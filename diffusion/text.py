@@ -26,19 +26,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from diffusion.artifacts import sha256_file
 from diffusion.errors import MissingInputError, T2IError
 from diffusion.shards import caption_id
 
 EMPTY_CAPTION = ""
 TABLE_FILES = ("embeddings.safetensors", "captions.parquet", "fingerprint.json")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def model_config(model: str) -> dict:
@@ -64,7 +57,7 @@ def _resolve_weights(model: str, pretrained: str) -> tuple[Path, str]:
 
     path = Path(pretrained).expanduser()
     if path.is_file():
-        return path, f"file:sha256:{_sha256_file(path)}"
+        return path, f"file:sha256:{sha256_file(path)}"
     if "/" in pretrained or pretrained.endswith((".pt", ".bin", ".pth", ".safetensors")):
         raise T2IError(f"embed.pretrained: weights file not found: {pretrained}")
     pcfg = open_clip.get_pretrained_cfg(model, pretrained)

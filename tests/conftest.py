@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,29 @@ def prefect_server(tmp_path_factory):
     server.stop()
 
 
+@contextlib.contextmanager
+def tracking_store(uri: str):
+    """MLflow pointed at ``uri`` for the block. mlflow.set_tracking_uri also exports
+    MLFLOW_TRACKING_URI to child processes, so the previous value (or its absence) is restored."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    """A test that points MLflow somewhere must not leak it into later tests' subprocesses."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if os.environ.get("MLFLOW_TRACKING_URI") != before and "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_params, tiny_shards, tiny_embeddings, tmp_path_factory) -> Path:
     """A tiny trained model folder (model.safetensors + model.json), as the train stage writes it."""
@@ -114,14 +139,10 @@ def registered_model(tiny_params, tiny_model, text_encoder, tmp_path_factory) ->
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_store(uri):
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("t2i-test", artifact_location=(root / "art").as_uri()))
         info = log_and_register(tiny_model, text_encoder, settings_of(tiny_params.sample),
                                 {"adherence.held_out.all": 0.6}, "t2i-shapes",
                                 evaluation={"id": "fp-test"}, lineage={"lineage.git_commit": "test"})
         mlflow.MlflowClient().set_registered_model_alias("t2i-shapes", "champion", str(info["version"]))
-    finally:
-        mlflow.set_tracking_uri(previous)
     return {"tracking_uri": uri, "name": "t2i-shapes", "version": info["version"], "dir": root}

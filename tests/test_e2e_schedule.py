@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import copy_project
+from conftest import copy_project, tracking_store
 from e2e_helpers import BIN, init_repo, run
 
 pytestmark = pytest.mark.e2e
@@ -34,16 +34,12 @@ def _register_champion(project, tiny_model, text_encoder, tiny_params) -> None:
     from diffusion.registry import log_and_register
     from diffusion.sample import settings_of
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    try:
+    with tracking_store(f"sqlite:///{project / 'mlflow.db'}"):
         mlflow.set_experiment(experiment_id=mlflow.create_experiment(
             "t2i-shapes", artifact_location=(project / "mlartifacts").as_uri()))
         info = log_and_register(tiny_model, text_encoder, settings_of(tiny_params.sample),
                                 {"adherence.held_out.all": 0.7}, "t2i-shapes", evaluation={"id": "fp"})
         mlflow.MlflowClient().set_registered_model_alias("t2i-shapes", "champion", str(info["version"]))
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def test_cron_schedule_creates_runs_and_a_scheduled_run_writes_its_batch(tmp_path, prefect_server, tiny_model,
