@@ -164,6 +164,19 @@ class Generator:
                 "weights_sha256": self.weights_sha256}
 
 
+def registry_version(model: str):
+    """The registry's ModelVersion that ``model`` names, or None for an existing local folder.
+    One-line errors for a missing folder, an unknown name, version or alias."""
+    if not model.startswith("models:/"):
+        if Path(model).exists():
+            return None
+        if "/" in model and "@" not in model:
+            raise MissingInputError(f"model folder not found: {model}")
+    from diffusion.registry import parse_model_uri, resolve_version
+
+    return resolve_version(parse_model_uri(model))
+
+
 def load_generator(model: str, *, device: str = "auto", params=None) -> Generator:
     """Load ``model``: ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` from the MLflow
     registry (the tracking URI must be set), a downloaded MLflow model folder (with ``MLmodel``),
@@ -172,36 +185,34 @@ def load_generator(model: str, *, device: str = "auto", params=None) -> Generato
     from diffusion.text import pick_device
 
     dev = pick_device(device)
-    local = Path(model)
-    if not model.startswith("models:/") and local.exists():
-        if (local / "MLmodel").is_file():
-            den, meta, enc, settings = art.load_bundle(art.bundle_paths(local), dev)
-            return Generator(den, meta, enc, settings, local.name, "local", "",
-                             art.sha256_file(local / "artifacts" / art.BUNDLE_DENOISER / art.MODEL_WEIGHTS), str(local.resolve()))
-        if params is None:
-            raise T2IError(f"{local}: a train-stage model folder needs params (for its text encoder)")
-        from diffusion.generate import check_fingerprint
-        from diffusion.sample import settings_of
-        from diffusion.text import load_text_encoder
+    mv = registry_version(model)
+    if mv is not None:
+        import mlflow
 
-        den, meta = art.load_model(local, dev)
-        e = params.embed
-        enc = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, str(dev))
-        check_fingerprint(enc, meta)
-        return Generator(den, meta, enc, settings_of(params.sample), local.resolve().name, "local", "",
-                         art.sha256_file(local / art.MODEL_WEIGHTS), str(local.resolve()))
-    if not model.startswith("models:/") and "@" not in model and "/" in model:
-        raise MissingInputError(f"model folder not found: {model}")
-    import mlflow
+        root = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}"))
+        return _from_bundle(root, dev, mv.name, str(mv.version), mv.run_id or "", f"models:/{mv.name}/{mv.version}")
+    local = Path(model).resolve()
+    if (local / "MLmodel").is_file():
+        return _from_bundle(local, dev, local.name, "local", "", str(local))
+    if params is None:
+        raise T2IError(f"{local}: a train-stage model folder needs params (for its text encoder)")
+    from diffusion.generate import check_fingerprint
+    from diffusion.sample import settings_of
+    from diffusion.text import load_text_encoder
 
-    from diffusion.registry import parse_model_uri, resolve_version
+    den, meta = art.load_model(local, dev)
+    e = params.embed
+    enc = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, str(dev))
+    check_fingerprint(enc, meta)
+    return Generator(den, meta, enc, settings_of(params.sample), local.name, "local", "",
+                     art.sha256_file(local / art.MODEL_WEIGHTS), str(local))
 
-    ref = parse_model_uri(model)
-    mv = resolve_version(ref)
-    root = Path(mlflow.artifacts.download_artifacts(f"models:/{ref.name}/{mv.version}"))
+
+def _from_bundle(root: Path, dev, name: str, version: str, run_id: str, source: str) -> Generator:
+    """A logged MLflow model folder (the one holding MLmodel)."""
     den, meta, enc, settings = art.load_bundle(art.bundle_paths(root), dev)
-    return Generator(den, meta, enc, settings, ref.name, str(mv.version), mv.run_id or "",
-                     art.sha256_file(root / "artifacts" / art.BUNDLE_DENOISER / art.MODEL_WEIGHTS), f"models:/{ref.name}/{mv.version}")
+    weights = art.sha256_file(root / "artifacts" / art.BUNDLE_DENOISER / art.MODEL_WEIGHTS)
+    return Generator(den, meta, enc, settings, name, version, run_id, weights, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,17 +263,21 @@ def _check_or_write_request(out: Path, request: dict) -> None:
     path = out / BATCH_FILE
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("model") != request["model"]:
-            o, n = old.get("model", {}), request["model"]
-            raise T2IError(f"{out} holds images from {o.get('model_name')} version {o.get('model_version')} "
-                           f"(weights {str(o.get('weights_sha256'))[:12]}), not {n['model_name']} version "
-                           f"{n['model_version']} (weights {n['weights_sha256'][:12]}): refusing to mix; "
-                           "use another run name or output folder")
+        _refuse_other_model(out, old.get("model", {}), request["model"], ("model_name", "model_version", "run_id",
+                                                                         "weights_sha256"))
         if old.get("rows_sha256") != request["rows_sha256"]:
             raise T2IError(f"{out} holds a batch of other prompts or settings: refusing to mix; "
                            "use another run name or output folder")
         return
     art.write_json(path, request)
+
+
+def _refuse_other_model(out: Path, old: dict, new: dict, keys: tuple[str, ...]) -> None:
+    if any(str(old.get(k)) != str(new.get(k)) for k in keys):
+        raise T2IError(f"{out} holds images from {old.get('model_name')} version {old.get('model_version')}, "
+                       f"not {new.get('model_name')} version {new.get('model_version')}"
+                       + ("" if old.get("model_version") != new.get("model_version") else " (other weights)")
+                       + ": refusing to mix; use another run name or output folder")
 
 
 def _verified_parts(out: Path) -> dict[int, dict]:
@@ -358,18 +373,11 @@ def check_request(prompts_file: str | Path, model: str, output_root: str | Path,
     exists, was drawn by that registry version. Raises one-line T2IErrors."""
     prompts = read_prompts(prompts_file)
     out = batch_dir(output_root, run_name, date)
-    if model.startswith("models:/") or not Path(model).exists():
-        if not model.startswith("models:/") and "/" in model:
-            raise MissingInputError(f"model folder not found: {model}")
-        from diffusion.registry import parse_model_uri, resolve_version
-
-        mv = resolve_version(parse_model_uri(model))
-        if (out / BATCH_FILE).is_file():
-            old = json.loads((out / BATCH_FILE).read_text()).get("model", {})
-            if (old.get("model_name"), old.get("model_version")) != (mv.name, str(mv.version)):
-                raise T2IError(f"{out} holds images from {old.get('model_name')} version {old.get('model_version')}, "
-                               f"not {mv.name} version {mv.version}: refusing to mix; use another run name or "
-                               "output folder")
+    mv = registry_version(model)
+    if mv is not None and (out / BATCH_FILE).is_file():
+        old = json.loads((out / BATCH_FILE).read_text()).get("model", {})
+        _refuse_other_model(out, old, {"model_name": mv.name, "model_version": str(mv.version)},
+                            ("model_name", "model_version"))
     return prompts
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from diffusion.artifacts import GRID
+
 # dvc.yaml's stages, in pipeline order (train-flow runs them one by one; `t2i pipeline --stage` checks names)
 STAGES = ("ingest", "embed", "judge", "train", "sample", "evaluate", "register", "promote")
 
@@ -28,7 +30,7 @@ def summary(project_dir: str | Path, tracking_uri: str) -> str:
     project = Path(project_dir).resolve()
     outs = stage_outputs(project)
     lines = ["", "Pipeline outputs"]
-    grid = project / outs["sample"]["out"] / "grid.png"
+    grid = project / outs["sample"]["out"] / GRID
     lines.append(f"  sample grid:      {grid}" + ("" if grid.is_file() else "  (not produced yet)"))
     metrics_file = project / outs["evaluate"]["metrics"]
     if metrics_file.is_file() and json.loads(metrics_file.read_text()).get("adherence") is None:
@@ -50,6 +52,10 @@ def summary(project_dir: str | Path, tracking_uri: str) -> str:
         lines.append(f"  registered model: {reg['uri']} (run {reg['run_id']})")
     else:
         lines.append(f"  registered model: {reg_file}  (not produced yet)")
+    promo_file = project / outs["promote"]["out"] if "promote" in outs else None
+    if promo_file is not None and promo_file.is_file():
+        d = json.loads(promo_file.read_text())
+        lines.append(f"  promotion:        {d['outcome']}: {d['reason']}")
     lines += [
         "",
         "Look at them",

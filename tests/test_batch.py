@@ -157,7 +157,7 @@ def test_refuses_to_mix_models_or_prompts_in_one_folder(tmp_path, local_gen, reg
         generate_batch(local_gen, rows, out, progress=False, log=lambda *_: None)
     mlflow.set_tracking_uri(registered_model["tracking_uri"])
     other = load_generator("models:/t2i-shapes@champion", device="cpu")
-    with pytest.raises(T2IError, match=r"holds images from .* version local .* not t2i-shapes version 1"):
+    with pytest.raises(T2IError, match=r"holds images from .* version local, not t2i-shapes version 1: refusing to mix"):
         generate_batch(other, plan_rows(other, read_prompts(_prompts_file(tmp_path)))[:2], out, progress=False,
                        log=lambda *_: None)
 
