@@ -95,7 +95,7 @@ def main() -> int:
     report = {
         "cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_at_start": round(load1, 2), "model": model,
-        "model_version": gen.version, "image_size": gen.meta["image_size"], "params_millions": gen.meta.get("params"),
+        "model_version": gen.version, "image_size": gen.meta["image_size"], "params": gen.meta.get("params"),
         "sampler": f"{gen.settings.sampler} {gen.settings.steps} steps, guidance {gen.settings.guidance_scale}",
         "images": args.images, "batch_size": p.batch.batch_size,
         "library": {"load_s": round(t_load, 2), "generate_s": lib["seconds"], "images_per_s": lib["images_per_s"]},
