@@ -36,6 +36,30 @@ def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> subprocess.
     return r
 
 
+def start_worker(pool: str, cwd: Path, env: dict, log_file: Path, *extra: str) -> subprocess.Popen:
+    """`prefect worker start --pool POOL` in its own session (so stop_worker can end all of it)."""
+    return subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", pool, *extra], cwd=cwd, env=env,
+                            stdout=open(log_file, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_worker(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds. A Prefect 3 process worker sometimes keeps
+    its event loop running after SIGTERM (seen here after its runs had all finished); a test must
+    not leave it polling the server for the rest of the session."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class PrefectServer:
     """`prefect server start` on a free loopback port with its own PREFECT_HOME."""
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import yaml
 
 from conftest import copy_project
-from e2e_helpers import BIN, init_repo, run
+from e2e_helpers import BIN, init_repo, run, start_worker, stop_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -21,16 +20,12 @@ def test_deployment_runs_the_pipeline_and_registers(tmp_path, prefect_server):
     prefect = str(BIN / "prefect")
     run([prefect, "work-pool", "create", "local", "--type", "process", "--overwrite"], project, env)
     run([prefect, "--no-prompt", "deploy", "--all"], project, env)
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", "local", "--limit", "1"], cwd=project,
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = start_worker("local", project, env, tmp_path / "worker.log", "--limit", "1")
     try:
         r = run([prefect, "deployment", "run", "train-flow/default", "--watch"], project, env, timeout=900)
         assert "Completed" in r.stdout, r.stdout
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-        log.close()
+        stop_worker(worker)
     reg = json.loads((project / "reports/registered_model.json").read_text())
     assert reg["uri"] == "models:/t2i-shapes/1"
     assert (project / "data/samples/grid.png").is_file()
@@ -42,4 +37,4 @@ def test_deployment_runs_the_pipeline_and_registers(tmp_path, prefect_server):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    assert client.get_registered_model("t2i-shapes").aliases == {"champion": "1"}
+    assert {k: int(v) for k, v in client.get_registered_model("t2i-shapes").aliases.items()} == {"champion": 1}

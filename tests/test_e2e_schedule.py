@@ -4,7 +4,6 @@ worker runs one, and the batch it writes comes from the @champion model."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import urllib.request
 
@@ -13,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import copy_project, tracking_store
-from e2e_helpers import BIN, init_repo, run
+from e2e_helpers import BIN, init_repo, run, start_worker, stop_worker
 
 pytestmark = pytest.mark.e2e
 
@@ -62,9 +61,7 @@ def test_cron_schedule_creates_runs_and_a_scheduled_run_writes_its_batch(tmp_pat
     run([prefect, "work-pool", "create", POOL, "--type", "process", "--overwrite"], project, env)
     run([prefect, "--no-prompt", "deploy", "-n", "nightly"], project, env)
     dep = _api(prefect_server, "/deployments/filter", {"deployments": {"name": {"any_": ["nightly"]}}})[0]
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([prefect, "worker", "start", "--pool", POOL], cwd=project, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+    worker = start_worker(POOL, project, env, tmp_path / "worker.log")
     try:
         # the scheduler (not this test) creates the runs; one of them completes on the worker
         deadline, completed, scheduled = time.time() + 240, None, set()
@@ -80,9 +77,7 @@ def test_cron_schedule_creates_runs_and_a_scheduled_run_writes_its_batch(tmp_pat
             time.sleep(2)
         assert completed is not None, (tmp_path / "worker.log").read_text()[-4000:]
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-        log.close()
+        stop_worker(worker)
         run([prefect, "deployment", "delete", "batch-generation/nightly"], project, env)
     assert completed["auto_scheduled"] and len(scheduled) >= 2  # a schedule, not a single manual run
 
