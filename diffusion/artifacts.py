@@ -87,8 +87,10 @@ def index_files(shards_dir: str | Path) -> list[Path]:
 
 def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
     """The split's shard files (at least one), sorted."""
+    from diffusion.shards import list_shards
+
     split_dir = require(Path(shards_dir) / split, f"{split} shards", "ingest")
-    urls = sorted(str(p) for p in split_dir.glob(SHARD_GLOB))
+    urls = list_shards(split_dir)
     if not urls:
         raise MissingInputError(f"no {split} shards ({SHARD_GLOB}) in {split_dir} (run the ingest stage first)")
     return urls

@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 
 from diffusion import tracking
 from diffusion.batch import run_batch
-from diffusion.config import load_params
+from diffusion.config import Params, load_params
 from diffusion.errors import T2IError
 
 
@@ -30,8 +30,7 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 @task(name="generate-batch", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5,
       retry_condition_fn=_retry_unless_user_error)
 def generate_task(prompts: str, model_uri: str, output_dir: str, run_name: str, date: str | None,
-                  params_file: str, params_overrides: list[str], overrides: dict) -> dict:
-    p = load_params(params_file, params_overrides)
+                  p: Params, overrides: dict) -> dict:
     if model_uri.startswith("models:/"):
         import mlflow
 
@@ -57,4 +56,4 @@ def batch_generation_flow(prompts: str, model_uri: str | None = None, output_dir
     name = run_name or flow_run.get_name() or "batch"
     overrides = {"guidance_scale": guidance_scale, "steps": steps, "sampler": sampler}
     return generate_task(prompts, model_uri or p.batch.model_uri, output_dir or p.batch.output_dir, name, date,
-                         params_file, list(params_overrides or []), overrides)
+                         p, overrides)
