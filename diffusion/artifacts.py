@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from diffusion.config import SAMPLER_KEYS, SampleConfig
 from diffusion.errors import MissingInputError, T2IError, require_path
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +107,23 @@ def square_image_size(shards_dir: str | Path) -> int:
     if stats.get("resize_mode") == "keep_ratio":
         raise T2IError("training needs square images: ingest with ingest.resize_mode center_crop or pad")
     return int(stats["image_size"])
+
+
+def val_images(shards_dir: str | Path, n: int) -> np.ndarray:
+    """The first ``n`` real validation images (uint8, N x H x W x 3), in shard order."""
+    import itertools
+
+    import numpy as np
+
+    from diffusion.shards import iter_samples
+
+    images = [s["image"] for s in itertools.islice(iter_samples(shard_urls(shards_dir, "val")), n)]
+    return np.stack([np.asarray(i) for i in images])
+
+
+def val_identity(shards_dir: str | Path) -> dict:
+    """What identifies the real validation set (for caches of its statistics)."""
+    return {"val_index_sha256": sha256_file(require(index_file(shards_dir, "val"), "val index", "ingest"))}
 
 
 def split_captions(shards_dir: str | Path, split: str) -> list[str]:
@@ -228,6 +246,10 @@ def read_metrics(metrics_file: str | Path) -> dict:
     return read_json(metrics_file, "metrics", "evaluate")
 
 
+EVAL_PAGE = "evaluation.md"  # reports/: the evaluate stage's readable page
+SWEEP_PAGE = "sweep.md"  # reports/: the sweep stage's page (beside its CSVs and plots)
+
+
 def write_adherence_plot(metrics: dict, path: str | Path) -> Path:
     """The adherence numbers as a table (metric, value), e.g. ``held_out.all,0.9``: a DVC bar
     plot. Header only where the judge does not apply."""
@@ -258,7 +280,6 @@ BUNDLE = {"denoiser": BUNDLE_DENOISER, "text_encoder": BUNDLE_TEXT_WEIGHTS, "tex
 def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, evaluation: dict) -> dict[str, str]:
     """Lay out a self-contained model in ``dest``; returns MLflow's {artifact name: path}."""
     import shutil
-    from dataclasses import asdict
 
     from safetensors.torch import save_file
 
@@ -271,7 +292,7 @@ def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, eva
               str(dest / BUNDLE_TEXT_WEIGHTS))
     write_json(dest / BUNDLE_TEXT_SPEC, {"model": encoder.fingerprint["model"], "layer": encoder.layer,
                                          "fingerprint": encoder.fingerprint})
-    write_json(dest / BUNDLE_SAMPLER, asdict(settings))
+    write_json(dest / BUNDLE_SAMPLER, {k: getattr(settings, k) for k in (*SAMPLER_KEYS, "batch_size")})
     write_json(dest / BUNDLE_EVAL, evaluation)
     return {name: str(dest / f) for name, f in BUNDLE.items()}
 
@@ -279,14 +300,14 @@ def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, eva
 def load_bundle(artifacts: dict[str, str], device="cpu"):
     """(denoiser, meta, text encoder, sampler settings) from a bundle's artifact paths (as MLflow
     hands them to ``load_context``, or ``bundle_paths`` of a downloaded model)."""
-    from diffusion.generate import SamplerSettings
     from diffusion.text import load_text_encoder
 
     spec = json.loads(Path(artifacts["text_encoder_spec"]).read_text())
     encoder = load_text_encoder(spec["model"], pretrained=artifacts["text_encoder"], layer=spec["layer"],
                                 device=str(device), fingerprint=spec["fingerprint"])
     denoiser, meta = load_model(artifacts["denoiser"], device)
-    settings = SamplerSettings(**json.loads(Path(artifacts["sampler"]).read_text()))
+    saved = json.loads(Path(artifacts["sampler"]).read_text())
+    settings = SampleConfig(**{k: v for k, v in saved.items() if k in (*SAMPLER_KEYS, "batch_size")})
     return denoiser, meta, encoder, settings
 
 

@@ -25,7 +25,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -45,7 +45,8 @@ CONTACT_SHEET = "contact_sheet.png"
 
 MANIFEST_SCHEMA = pa.schema([
     ("index", pa.int64()), ("prompt", pa.string()), ("negative_prompt", pa.string()), ("seed", pa.int64()),
-    ("sampler", pa.string()), ("steps", pa.int64()), ("guidance_scale", pa.float64()), ("eta", pa.float64()),
+    ("sampler", pa.string()), ("spacing", pa.string()), ("steps", pa.int64()), ("guidance_scale", pa.float64()),
+    ("eta", pa.float64()),
     ("model_name", pa.string()), ("model_version", pa.string()), ("run_id", pa.string()),
     ("file", pa.string()), ("sha256", pa.string()), ("time", pa.string()),
 ])
@@ -151,7 +152,7 @@ class Generator:
     denoiser: object
     meta: dict
     encoder: object
-    settings: object  # SamplerSettings registered with the model (or params' sample section)
+    settings: object  # SampleConfig registered with the model (or params' sample section)
     name: str
     version: str  # registry version, or "local"
     run_id: str
@@ -197,14 +198,13 @@ def load_generator(model: str, *, device: str = "auto", params=None) -> Generato
     if params is None:
         raise T2IError(f"{local}: a train-stage model folder needs params (for its text encoder)")
     from diffusion.generate import check_fingerprint
-    from diffusion.sample import settings_of
     from diffusion.text import load_text_encoder
 
     den, meta = art.load_model(local, dev)
     e = params.embed
     enc = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, str(dev))
     check_fingerprint(enc, meta)
-    return Generator(den, meta, enc, settings_of(params.sample), local.name, "local", "",
+    return Generator(den, meta, enc, params.sample, local.name, "local", "",
                      art.sha256_file(local / art.MODEL_WEIGHTS), str(local))
 
 
@@ -234,18 +234,22 @@ def batch_dir(output_root: str | Path, run_name: str, date: str | None = None) -
 def plan_rows(gen: Generator, prompts: Prompts, base_seed: int = 0, overrides: dict | None = None) -> list[dict]:
     """Every image to draw, with its settings resolved: the row's own values, else ``overrides``
     (command line), else the model's registered sampler settings."""
+    from diffusion.generate import effective_eta
+
     s = gen.settings
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    sampler = overrides.get("sampler", s.sampler)
+    eta = effective_eta(replace(s, sampler=sampler, eta=overrides.get("eta", s.eta)))
     planned = []
     for i, r in enumerate(prompts.rows):
         planned.append({
             "index": i, "prompt": r["prompt"], "negative_prompt": r["negative_prompt"] or "",
             "seed": r["seed"] if r["seed"] is not None else base_seed + i,
-            "sampler": overrides.get("sampler", s.sampler),
+            "sampler": sampler, "spacing": s.spacing,
             "steps": r["steps"] if r["steps"] is not None else overrides.get("steps", s.steps),
             "guidance_scale": r["guidance_scale"] if r["guidance_scale"] is not None
             else overrides.get("guidance_scale", s.guidance_scale),
-            "eta": overrides.get("eta", s.eta),
+            "eta": eta,
         })
     max_steps = len(gen.denoiser.sigmas)
     for row in planned:
@@ -255,7 +259,7 @@ def plan_rows(gen: Generator, prompts: Prompts, base_seed: int = 0, overrides: d
 
 
 def _settings_key(row: dict) -> tuple:
-    return (row["sampler"], row["steps"], row["guidance_scale"], row["eta"])
+    return (row["sampler"], row["spacing"], row["steps"], row["guidance_scale"], row["eta"])
 
 
 def _check_or_write_request(out: Path, request: dict) -> None:
@@ -300,7 +304,7 @@ def generate_batch(gen: Generator, rows: list[dict], out_dir: str | Path, *, bat
                    contact_sheet_size: int = 48, progress: bool = True, log=print) -> dict:
     """Draw every row of ``rows`` (from ``plan_rows``) into ``out_dir``, resuming what is there.
     Returns a summary: counts, images/s, the model, the paths."""
-    from diffusion.generate import SamplerSettings, encode_prompts, generate, make_grid
+    from diffusion.generate import encode_prompts, generate, make_grid
     from diffusion.registry import png_bytes
 
     out = Path(out_dir)
@@ -323,9 +327,8 @@ def generate_batch(gen: Generator, rows: list[dict], out_dir: str | Path, *, bat
     t0, drawn = time.perf_counter(), 0
     for chunk in chunks:
         first = chunk[0]
-        settings = SamplerSettings(**{**asdict(gen.settings), "sampler": first["sampler"], "steps": first["steps"],
-                                      "guidance_scale": first["guidance_scale"], "eta": first["eta"],
-                                      "batch_size": len(chunk)})
+        settings = replace(gen.settings, sampler=first["sampler"], spacing=first["spacing"], steps=first["steps"],
+                           guidance_scale=first["guidance_scale"], eta=first["eta"], batch_size=len(chunk))
         negatives = [r["negative_prompt"] for r in chunk]
         cond, uncond = encode_prompts(gen.encoder, [r["prompt"] for r in chunk], negatives=negatives)
         images = generate(gen.denoiser, cond, uncond, [r["seed"] for r in chunk], size, settings)

@@ -171,16 +171,77 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddim"  # ddim | ddpm (ancestral, eta=1)
-    steps: int = 20
-    eta: float = 0.0  # ddim only: 0 deterministic, 1 = DDPM posterior noise
+    """Sampler settings (what ``generate`` reads; the registered model keeps the sampler keys)
+    and the evaluation prompt set of the sample stage."""
+
+    sampler: str = "ddim"  # ddim | ddpm | euler | heun | dpmpp_2m | dpmpp_2m_sde (diffusion.samplers)
+    steps: int = 20  # noise levels visited (heun evaluates the network 2 * steps - 1 times)
+    spacing: str = "uniform"  # uniform | trailing | karras (diffusion.schedules.sampling_sigmas)
+    eta: Optional[float] = None  # ddim/euler/dpmpp_2m_sde noise: null = the sampler's default (sde 1, else 0)
     guidance_scale: float = 4.0
+    # [sigma_lo, sigma_hi]: guidance only at noise levels inside (Kynkaanniemi et al. 2024); null: all
+    guidance_interval: Optional[list[float]] = None
+    clip_denoised: bool = True  # clamp x0_hat to the data range [-1, 1] at every evaluation
     per_combo: int = 4  # evaluation images per attribute combination (built-in set)
+    paraphrase_per_combo: int = 1  # built-in set: images per combination in new wording (shapes.PARAPHRASES)
     n_prompts: int = 256  # other sources: this many validation captions
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
     grid_size: int = 24  # images in the sample grid PNG
+
+
+# the keys of SampleConfig that decide an image (registered with a model, overridable per call)
+SAMPLER_KEYS = ("sampler", "steps", "spacing", "eta", "guidance_scale", "guidance_interval", "clip_denoised")
+
+
+def sampler_problems(cfg: SampleConfig, timesteps: int) -> list[str]:
+    """What is wrong with the sampler settings of ``cfg`` for a model of ``timesteps`` steps
+    (params validation and the served model's per-call overrides both ask this)."""
+    problems = []
+    if cfg.sampler not in CHOICES["sample.sampler"]:
+        problems.append(f"sampler must be one of {', '.join(CHOICES['sample.sampler'])}, got {cfg.sampler!r}")
+    if cfg.spacing not in CHOICES["sample.spacing"]:
+        problems.append(f"spacing must be one of {', '.join(CHOICES['sample.spacing'])}, got {cfg.spacing!r}")
+    if not 1 <= cfg.steps <= timesteps:
+        problems.append(f"steps must be in 1..{timesteps}, got {cfg.steps}")
+    if cfg.eta is not None and not 0 <= cfg.eta <= 1:
+        problems.append(f"eta must be in [0, 1], got {cfg.eta}")
+    gi = cfg.guidance_interval
+    if gi is not None and (len(gi) != 2 or not 0 <= gi[0] < gi[1]):
+        problems.append(f"guidance_interval must be [sigma_lo, sigma_hi] with 0 <= lo < hi, got {gi}")
+    return problems
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Image-quality metrics beside the judge's adherence (diffusion.evaluate, diffusion.metrics)."""
+
+    # FID/KID: torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth):
+    # "auto" uses the file when it is in torch's hub cache or $T2I_WEIGHTS_DIR; a path; or null (off)
+    inception_weights: Optional[str] = "auto"
+    clip_model: str = "ViT-B-32"  # CLIP score: an open_clip architecture ...
+    clip_pretrained: Optional[str] = None  # ... and its weights: a tag (only if cached) or a local file
+    real_images: int = 2000  # real validation images for the reference statistics (cached by fingerprint)
+    kid_subset_size: int = 1000
+    cache_dir: Optional[str] = None  # reference statistics; null: ~/.cache/t2i-diffusion/eval
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The quality-vs-cost map (t2i sweep / the sweep DVC stage): every sampler at every step count,
+    then guidance scales at the sample section's sampler, scored like the evaluate stage."""
+
+    samplers: list[str] = field(default_factory=lambda: ["ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
+    steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
+    spacing: str = "karras"  # the spacing of the sampler sweep (the uniform DDPM-1000 point is added)
+    reference_steps: int = 1000  # ddpm ancestral over every timestep: the reference point; 0: none
+    guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
+    per_combo: int = 1  # images per attribute combination at each point (built-in set)
+    n_prompts: int = 128  # other sources: validation captions per point
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -226,6 +287,8 @@ class Params:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -247,7 +310,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "embed.device": ("auto", "cpu", "cuda"),
     "judge.device": ("auto", "cpu", "cuda"),
     "sample.device": ("auto", "cpu", "cuda"),
-    "sample.sampler": ("ddim", "ddpm"),
+    "sample.sampler": ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"),
+    "sample.spacing": ("uniform", "trailing", "karras"),
+    "sweep.spacing": ("uniform", "trailing", "karras"),
+    "evaluate.device": ("auto", "cpu", "cuda"),
     "promote.direction": ("maximize", "minimize"),
     "batch.device": ("auto", "cpu", "cuda"),
 }
@@ -409,8 +475,14 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0 <= t.cond_dropout < 1:
         raise ConfigError(f"train.cond_dropout must be in [0, 1), got {t.cond_dropout}")
-    if p.sample.steps > t.timesteps:
-        raise ConfigError(f"sample.steps ({p.sample.steps}) cannot exceed train.timesteps ({t.timesteps})")
+    for name in p.sweep.samplers:
+        if name not in CHOICES["sample.sampler"]:
+            raise ConfigError(f"sweep.samplers: {name!r} is not one of {', '.join(CHOICES['sample.sampler'])}")
+    if any(not 1 <= n <= t.timesteps for n in [*p.sweep.steps, p.sweep.reference_steps or 1]):
+        raise ConfigError(f"sweep.steps and sweep.reference_steps must be in 1..{t.timesteps} (reference 0: none)")
+    for problem in sampler_problems(p.sample, t.timesteps):
+        raise ConfigError(f"sample.{problem} (train.timesteps is {t.timesteps})" if "steps must" in problem
+                          else f"sample.{problem}")
     u = t.unet
     n_levels = len(u.channel_mult)
     if any(not 0 <= lvl < n_levels for lvl in u.attn_levels):

@@ -9,7 +9,6 @@ prompt, its seed and the settings, never on the batch it was drawn in.
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +19,22 @@ from tqdm.auto import tqdm
 from diffusion.errors import T2IError
 from diffusion.model import Cond
 from diffusion.precond import Denoiser, GuidedDenoiser
-from diffusion.samplers import initial_noise, per_image_noise, sample_ancestral
+from diffusion.config import SampleConfig
+from diffusion.samplers import clamped, initial_noise, per_image_noise, sampler_fn
 from diffusion.schedules import sampling_sigmas
-from diffusion.text import EmbeddingTable, TextEncoder, fingerprint_id
+from diffusion.text import EmbeddingTable, TextEncoder, embed_captions, fingerprint_id
 
 
-@dataclass(frozen=True)
-class SamplerSettings:
-    sampler: str = "ddim"  # ddim | ddpm
-    steps: int = 20
-    eta: float = 0.0
-    guidance_scale: float = 4.0
-    batch_size: int = 256
-    clip_denoised: bool = True  # clamp x0_hat to the data range [-1, 1] at every step
-
-    @property
-    def effective_eta(self) -> float:
-        return 1.0 if self.sampler == "ddpm" else self.eta
+def effective_eta(cfg: SampleConfig) -> float:
+    """The noise amount a sampler really uses: ddpm is always 1; ``sample.eta`` null means the
+    sampler's own default (dpmpp_2m_sde 1, the others 0); heun and dpmpp_2m are deterministic."""
+    if cfg.sampler == "ddpm":
+        return 1.0
+    if cfg.sampler in ("heun", "dpmpp_2m"):
+        return 0.0
+    if cfg.eta is not None:
+        return float(cfg.eta)
+    return 1.0 if cfg.sampler == "dpmpp_2m_sde" else 0.0
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -52,69 +50,54 @@ def autocast_for(device: torch.device):
 
 @torch.no_grad()
 def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], image_size: int,
-             settings: SamplerSettings, *, progress: bool = False) -> np.ndarray:
-    """Sample one image per row of ``cond``. ``uncond`` is what guidance pushes away from: one row
-    (the empty caption) for every image, or one row per image (negative prompts).
+             cfg: SampleConfig, *, progress: bool = False) -> np.ndarray:
+    """Sample one image per row of ``cond`` with the sampler settings of ``cfg`` (sampler,
+    steps, spacing, eta, guidance_scale, guidance_interval, clip_denoised, batch_size). ``uncond``
+    is what guidance pushes away from: one row (the empty caption) for every image, or one row per
+    image (negative prompts).
 
     Returns (N, H, W, 3) uint8.
     """
     device = next(denoiser.parameters()).device
-    sigmas = sampling_sigmas(denoiser.sigmas.double().cpu(), settings.steps)
+    sigmas = sampling_sigmas(denoiser.sigmas.double().cpu(), cfg.steps, cfg.spacing)
+    sample = sampler_fn(cfg.sampler)
+    interval = tuple(cfg.guidance_interval) if cfg.guidance_interval else None
     shape = (3, image_size, image_size)
     out = []
-    starts = range(0, len(seeds), settings.batch_size)
+    starts = range(0, len(seeds), cfg.batch_size)
     for start in tqdm(starts, desc="sample", unit="batch", disable=not progress):
-        sl = slice(start, start + settings.batch_size)
-        c = Cond(cond.tokens[sl], cond.mask[sl], cond.pooled[sl]).to(device)
-        n = c.tokens.shape[0]
-        if uncond.tokens.shape[0] == 1:
-            u = Cond(uncond.tokens.expand(n, -1, -1), uncond.mask.expand(n, -1), uncond.pooled.expand(n, -1))
-        else:
-            u = Cond(uncond.tokens[sl], uncond.mask[sl], uncond.pooled[sl])
-        u = u.to(device)
+        sl = slice(start, start + cfg.batch_size)
+        c = cond.select(sl).to(device)
+        u = uncond.expand(c.tokens.shape[0]) if uncond.tokens.shape[0] == 1 else uncond.select(sl)
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[sl]]
-        guided = GuidedDenoiser(denoiser, c, u, settings.guidance_scale)
+        guided = GuidedDenoiser(denoiser, c, u.to(device), cfg.guidance_scale, interval)
         x = initial_noise(gens, shape, float(sigmas[0]), device)
         with autocast_for(device):
-            x = sample_ancestral(guided, x, sigmas, eta=settings.effective_eta,
-                                 noise_fn=per_image_noise(gens, shape, device),
-                                 clip_denoised=1.0 if settings.clip_denoised else None)
+            x = sample(clamped(guided, 1.0 if cfg.clip_denoised else None), x, sigmas, eta=effective_eta(cfg),
+                       noise_fn=per_image_noise(gens, shape, device))
         out.append(to_uint8(x))
     return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
 
 
-def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
-    pad = length - t.shape[1]
-    if pad <= 0:
-        return t
-    return torch.nn.functional.pad(t, (0, 0, 0, pad) if t.dim() == 3 else (0, pad))
-
-
 def encode_prompts(encoder: TextEncoder, prompts: list[str], batch_size: int = 256,
                    negatives: list[str] | None = None) -> tuple[Cond, Cond]:
-    """(cond for the prompts, uncond), rounded through float16 as the embedding table stores
-    them, so sampling sees exactly what training saw. uncond is the empty caption (one row), or
-    with ``negatives`` one row per prompt (an empty negative is the empty caption)."""
-    cond = _encode(encoder, prompts, batch_size)
-    uncond = _encode(encoder, negatives if negatives is not None and any(negatives) else [""], batch_size)
-    return cond, uncond
+    """(cond for the prompts, uncond) through the embed stage's own path (``embed_captions``:
+    each unique text once, float16 as the table stores it), so sampling sees exactly what training
+    saw. uncond is the empty caption (one row), or with ``negatives`` one row per prompt (an empty
+    negative is the empty caption)."""
+    table = embed_captions(encoder, list(prompts) + list(negatives or []), batch_size, progress=False)
+    return table_cond(table, prompts, negatives)
 
 
-def _encode(encoder: TextEncoder, texts: list[str], batch_size: int) -> Cond:
-    parts = [encoder.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
-    length = max(p[0].shape[1] for p in parts)
-    tokens = torch.cat([_pad_to(p[0], length) for p in parts]).half().float()
-    mask = torch.cat([_pad_to(p[1], length) for p in parts])
-    pooled = torch.cat([p[2] for p in parts]).half().float()
-    return Cond((tokens * mask[..., None]).cpu(), mask.cpu(), pooled.cpu())
+def table_cond(table: EmbeddingTable, captions: list[str], negatives: list[str] | None = None) -> tuple[Cond, Cond]:
+    """Conditioning straight from an embedding table: one row per caption, and the empty caption
+    (one row) or one row per negative prompt as uncond."""
+    def rows(texts):
+        idx = torch.tensor([table.row(t) for t in texts])
+        return Cond(table.tokens[idx].float(), table.mask[idx], table.pooled[idx].float())
 
-
-def table_cond(table: EmbeddingTable, captions: list[str]) -> tuple[Cond, Cond]:
-    """Conditioning straight from the precomputed embedding table (no text encoder)."""
-    rows = torch.tensor([table.row(c) for c in captions])
-    e = torch.tensor([table.empty_row])
-    return (Cond(table.tokens[rows].float(), table.mask[rows], table.pooled[rows].float()),
-            Cond(table.tokens[e].float(), table.mask[e], table.pooled[e].float()))
+    neg = negatives if negatives is not None and any(negatives) else [""]
+    return rows(captions), rows(neg)
 
 
 def check_fingerprint(encoder: TextEncoder, meta: dict) -> None:

@@ -44,6 +44,14 @@ class Cond:
         a, b = self.padded(n), other.padded(n)
         return Cond(torch.cat([a.tokens, b.tokens]), torch.cat([a.mask, b.mask]), torch.cat([a.pooled, b.pooled]))
 
+    def select(self, rows) -> "Cond":
+        """The rows ``rows`` (a slice or an index tensor) of the batch."""
+        return Cond(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
+    def expand(self, n: int) -> "Cond":
+        """A one-row batch repeated ``n`` times (a view, no copy)."""
+        return Cond(self.tokens.expand(n, -1, -1), self.mask.expand(n, -1), self.pooled.expand(n, -1))
+
     def to(self, device, dtype=None) -> "Cond":
         return Cond(self.tokens.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -24,20 +24,19 @@ import pandas as pd
 from PIL import Image
 
 from diffusion.artifacts import load_bundle, write_bundle
-from diffusion.config import CHOICES
+from diffusion.config import SampleConfig, sampler_problems
 from diffusion.errors import T2IError
-from diffusion.generate import SamplerSettings, encode_prompts, generate
+from diffusion.generate import encode_prompts, generate
 from diffusion.lineage import EVAL_TAG
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-OVERRIDABLE = ("guidance_scale", "steps", "sampler", "eta")
-SAMPLERS = CHOICES["sample.sampler"]
+OVERRIDABLE = ("guidance_scale", "steps", "sampler", "spacing", "eta")
 
 
 class T2IModel(mlflow.pyfunc.PythonModel):
     """pyfunc: DataFrame(prompt[, seed, negative_prompt]) -> DataFrame(prompt, seed, image).
 
-    ``params`` (guidance_scale, steps, sampler, eta) override the registered sampler settings.
+    ``params`` (guidance_scale, steps, sampler, spacing, eta) override the registered sampler settings.
     """
 
     def load_context(self, context) -> None:
@@ -57,7 +56,7 @@ class T2IModel(mlflow.pyfunc.PythonModel):
         images = generate(self.denoiser, cond, uncond, seeds, self.meta["image_size"], settings)
         return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": [png_bytes(img) for img in images]})
 
-    def _settings(self, params: dict | None) -> SamplerSettings:
+    def _settings(self, params: dict | None) -> SampleConfig:
         """The registered sampler settings with ``params`` applied; a bad value is an
         INVALID_PARAMETER_VALUE error (HTTP 400 with this message when served), not a silent
         fallback (an unknown sampler would otherwise sample as DDIM) or a bare stack trace."""
@@ -67,13 +66,8 @@ class T2IModel(mlflow.pyfunc.PythonModel):
         overrides = {k: v for k, v in (params or {}).items() if k in OVERRIDABLE and v is not None}
         if not overrides:
             return self.settings
-        s = SamplerSettings(**{**asdict(self.settings), **overrides})
-        T = len(self.denoiser.sigmas)
-        problems = [msg for bad, msg in (
-            (s.sampler not in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}, got {s.sampler!r}"),
-            (not 1 <= s.steps <= T, f"steps must be in 1..{T}, got {s.steps}"),
-            (not 0 <= s.eta <= 1, f"eta must be in [0, 1], got {s.eta}"),
-        ) if bad]
+        s = replace(self.settings, **overrides)
+        problems = sampler_problems(s, len(self.denoiser.sigmas))
         if problems:
             raise MlflowException("bad params: " + "; ".join(problems), error_code=INVALID_PARAMETER_VALUE)
         return s
@@ -85,7 +79,7 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def log_and_register(model_dir: str | Path, encoder, settings: SamplerSettings, metrics: dict[str, float],
+def log_and_register(model_dir: str | Path, encoder, settings: SampleConfig, metrics: dict[str, float],
                      model_name: str, run_id: str | None = None, *, evaluation: dict | None = None,
                      lineage: dict[str, str] | None = None) -> dict:
     """Log the pyfunc model to ``run_id`` (or a new run) and register it as a new version of
@@ -114,7 +108,7 @@ def log_and_register(model_dir: str | Path, encoder, settings: SamplerSettings, 
             "run_id": run_id}
 
 
-def model_signature(settings: SamplerSettings):
+def model_signature(settings: SampleConfig):
     """prompt (required), seed and negative_prompt (optional) in; prompt, seed, PNG bytes out.
 
     Written out rather than inferred from an example: an inferred schema makes every example
@@ -131,7 +125,9 @@ def model_signature(settings: SamplerSettings):
         params=ParamSchema([ParamSpec("guidance_scale", "double", float(settings.guidance_scale)),
                             ParamSpec("steps", "long", int(settings.steps)),
                             ParamSpec("sampler", "string", str(settings.sampler)),
-                            ParamSpec("eta", "double", float(settings.eta))]),
+                            ParamSpec("spacing", "string", str(settings.spacing)),
+                            # null: the sampler's own default (so overriding the sampler alone works)
+                            ParamSpec("eta", "double", settings.eta)]),
     )
 
 

@@ -7,21 +7,17 @@ from pathlib import Path
 
 from diffusion.artifacts import GRID, IMAGES, MANIFEST, write_manifest
 from diffusion.config import DatasetConfig, SampleConfig
-from diffusion.generate import SamplerSettings, encode_prompts, generate, make_grid, save_png
+from diffusion.generate import effective_eta, encode_prompts, generate, make_grid, save_png
 from diffusion.precond import Denoiser
 from diffusion.shapes import eval_prompts
 from diffusion.text import TextEncoder
-
-
-def settings_of(cfg: SampleConfig) -> SamplerSettings:
-    return SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance_scale, cfg.batch_size)
 
 
 def eval_rows(dataset: DatasetConfig | None, cfg: SampleConfig, val_captions: list[str]) -> list[dict]:
     """The prompts to sample: with the built-in set, every attribute combination ``per_combo``
     times (with their attributes, for the judge); otherwise ``n_prompts`` validation captions."""
     if dataset is not None:
-        return eval_prompts(dataset, cfg.per_combo)
+        return eval_prompts(dataset, cfg.per_combo, cfg.paraphrase_per_combo)
     unique = list(dict.fromkeys(c for c in val_captions if c))
     return [{"prompt": c} for c in unique[: cfg.n_prompts]]
 
@@ -39,11 +35,11 @@ def sample_eval_set(denoiser: Denoiser, meta: dict, encoder: TextEncoder, rows: 
     prompts = [r["prompt"] for r in rows]
     seeds = [cfg.seed + i for i in range(len(rows))]
     cond, uncond = encode_prompts(encoder, prompts)
-    settings = settings_of(cfg)
-    images = generate(denoiser, cond, uncond, seeds, meta["image_size"], settings, progress=progress)
+    images = generate(denoiser, cond, uncond, seeds, meta["image_size"], cfg, progress=progress)
     for i, (row, img) in enumerate(zip(rows, images)):
-        row.update(seed=seeds[i], file=f"{IMAGES}/{i:06d}.png", sampler=cfg.sampler, steps=cfg.steps,
-                   guidance_scale=cfg.guidance_scale, eta=settings.effective_eta)
+        row.update(seed=seeds[i], file=f"{IMAGES}/{i:06d}.png", sampler=cfg.sampler, spacing=cfg.spacing,
+                   steps=cfg.steps, guidance_scale=cfg.guidance_scale, eta=effective_eta(cfg),
+                   guidance_interval=str(cfg.guidance_interval))
         save_png(img, out / row["file"])
     write_manifest(rows, out / MANIFEST)
     pick = list(range(0, len(rows), max(1, len(rows) // cfg.grid_size)))[: cfg.grid_size]

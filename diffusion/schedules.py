@@ -22,17 +22,39 @@ def ddpm_sigmas(betas: Tensor) -> Tensor:
     return ((1.0 - alphabar) / alphabar).sqrt()
 
 
-def sampling_sigmas(train_sigmas: Tensor, steps: int) -> Tensor:
-    """``steps`` noise levels of the discrete schedule, evenly spaced from t = T-1 down to t = 0,
-    then a final 0. Returns steps+1 strictly decreasing values (float64).
+SPACINGS = ("uniform", "trailing", "karras")
 
-    With steps == T this is every DDPM timestep (ancestral sampling then is exact DDPM).
+
+def sampling_sigmas(train_sigmas: Tensor, steps: int, spacing: str = "uniform", rho: float = 7.0) -> Tensor:
+    """``steps`` decreasing noise levels for a sampler, then a final 0 (steps+1 values, float64).
+
+    - ``uniform``: timesteps evenly spaced from t = T-1 down to t = 0, rounded (diffusers'
+      "linspace"); with steps == T this is every DDPM timestep (ancestral sampling is then DDPM).
+    - ``trailing``: t = round(T - k T/steps) - 1 for k = 0..steps-1 (diffusers' "trailing", Lin et
+      al. 2024): starts at t = T-1, and the last level is T/steps - 1 rather than 0.
+    - ``karras``: sigma_k = (sigma_max^(1/rho) + k/(steps-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+      between the table's ends (Karras et al. 2022): dense at low noise, where the fine detail is
+      decided; these levels fall between timesteps (the denoiser reads fractional t).
     """
     T = len(train_sigmas)
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in 1..{T}, got {steps}")
-    t = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
-    return torch.cat([train_sigmas[t], torch.zeros(1, dtype=torch.float64)])
+    if spacing == "uniform":
+        t = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
+        levels = train_sigmas[t]
+    elif spacing == "trailing":
+        t = ((T - torch.arange(steps, dtype=torch.float64) * T / steps).round() - 1).long()
+        levels = train_sigmas[t]
+    elif spacing == "karras":
+        lo, hi = train_sigmas[0].double() ** (1 / rho), train_sigmas[-1].double() ** (1 / rho)
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+        levels = (hi + ramp * (lo - hi)) ** rho
+        levels[0] = train_sigmas[-1]  # the ends exactly, not through a round trip of powers
+        if steps > 1:
+            levels[-1] = train_sigmas[0]
+    else:
+        raise ValueError(f"unknown spacing {spacing!r} (known: {', '.join(SPACINGS)})")
+    return torch.cat([levels.double(), torch.zeros(1, dtype=torch.float64)])
 
 
 def sigma_to_t(sigma: Tensor, train_sigmas: Tensor) -> Tensor:

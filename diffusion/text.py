@@ -240,11 +240,13 @@ class EmbeddingTable:
         return cls(t["tokens"], t["mask"].bool(), t["pooled"], dict(zip(cap["caption"], cap["row"])), fp)
 
 
-def embed_captions(encoder: TextEncoder, captions: Iterable[str], batch_size: int = 256) -> EmbeddingTable:
+def embed_captions(encoder: TextEncoder, captions: Iterable[str], batch_size: int = 256,
+                   progress: bool = True) -> EmbeddingTable:
     """Encode each unique caption once (plus the empty caption as row 0)."""
     unique = [EMPTY_CAPTION] + sorted(set(captions) - {EMPTY_CAPTION})
     toks, masks, pooled = [], [], []
-    for i in tqdm(range(0, len(unique), batch_size), desc="embed", unit="batch", mininterval=1.0):
+    for i in tqdm(range(0, len(unique), batch_size), desc="embed", unit="batch", mininterval=1.0,
+                  disable=not progress):
         t, m, p = encoder.encode(unique[i:i + batch_size])
         toks.append(t.cpu())
         masks.append(m.cpu())

@@ -5,7 +5,8 @@
     t2i judge    --shards DIR --out DIR --metrics FILE
     t2i train    --shards DIR --embeddings DIR --out DIR
     t2i sample   --shards DIR --model DIR --out DIR
-    t2i evaluate --samples DIR --judge DIR --model DIR --metrics FILE [--plots FILE]
+    t2i evaluate --samples DIR --judge DIR --model DIR --metrics FILE [--shards DIR --report FILE --plots FILE]
+    t2i sweep    --shards DIR --model DIR --judge DIR --out DIR   quality against cost (samplers, steps, guidance)
     t2i register --model DIR --metrics FILE --out FILE
     t2i promote  [--registered FILE --out FILE | --version N] [--model-name NAME]
     t2i pipeline [--stage S ...] [--force]     the whole pipeline (train-flow) via dvc repro
@@ -27,8 +28,9 @@ import os
 import sys
 from typing import Callable
 
+from diffusion.config import CHOICES
 from diffusion.errors import T2IError
-from flows.project import STAGES as PIPELINE_STAGES
+from flows.project import OPTIONAL_STAGES, STAGES
 
 
 
@@ -56,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     add("sample", "generate the evaluation images", "shards", "model", "out")
     p = add("evaluate", "score generated images with the judge", "samples", "judge", "model", "metrics")
     p.add_argument("--plots", help="also write the adherence table (CSV) for dvc plots")
+    p.add_argument("--shards", help="real validation images for FD-judge, fidelity and FID/KID (default: none)")
+    p.add_argument("--report", help="also write the readable evaluation page (markdown) here")
+    add("sweep", "quality against cost: every sampler and step count, then guidance scales",
+        "shards", "model", "judge", "out")
     add("register", "log the model to MLflow and register a new version", "model", "metrics", "out")
     p = add("promote", "apply the promotion policy: move @champion to a version if it wins")
     p.add_argument("--registered", help="the register stage's record (the pipeline's candidate)")
@@ -78,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--date", help="YYYY-MM-DD folder (default: today, UTC)")
     p.add_argument("--guidance-scale", type=float, help="override the model's guidance scale")
     p.add_argument("--steps", type=int, help="override the model's sampling steps")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="override the model's sampler")
+    p.add_argument("--sampler", choices=CHOICES["sample.sampler"], help="override the model's sampler")
     p = sub.add_parser("pipeline", parents=[common], help="run the whole pipeline (train-flow, dvc repro)")
-    p.add_argument("--stage", action="append", dest="stages", choices=PIPELINE_STAGES,
+    p.add_argument("--stage", action="append", dest="stages", choices=STAGES + OPTIONAL_STAGES,
                    help="only this stage (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun even if DVC finds nothing changed")
     sub.add_parser("summary", parents=[common], help="where the outputs are and how to open the UIs")
@@ -95,6 +101,7 @@ INPUTS = {
     "sample": [("shards", "shards", "ingest"), ("model", "trained model", "train")],
     "evaluate": [("samples", "samples", "sample"), ("judge", "judge", "judge"), ("model", "trained model", "train")],
     "register": [("model", "trained model", "train"), ("metrics", "metrics", "evaluate")],
+    "sweep": [("shards", "shards", "ingest"), ("model", "trained model", "train"), ("judge", "judge", "judge")],
     "promote": [("registered", "registered model record", "register")],
 }
 NEEDS_TEXT_MODEL = ("embed", "sample", "register")
@@ -119,7 +126,7 @@ def _evaluate(p, a):
     from diffusion.artifacts import write_adherence_plot
     from flows.stages import evaluate_flow
 
-    metrics = evaluate_flow(p, a.samples, a.judge, a.model, a.metrics)
+    metrics = evaluate_flow(p, a.samples, a.judge, a.model, a.metrics, a.shards, a.report)
     if a.plots:
         write_adherence_plot(metrics, a.plots)
 
@@ -202,6 +209,7 @@ COMMANDS: dict[str, Callable] = {
     "sample": _stage("sample", "shards", "model", "out"),
     "evaluate": _evaluate,
     "register": _stage("register", "model", "metrics", "out"),
+    "sweep": _stage("sweep", "shards", "model", "judge", "out"),
     "promote": _promote,
     "rollback": _rollback,
     "lineage": _lineage,

@@ -25,6 +25,8 @@ TINY = {
               "shuffle_buffer": 50, "unet": {"channels": 16, "channel_mult": [1, 2], "attn_levels": [1], "heads": 2}},
     "sample": {"steps": 4, "per_combo": 1, "batch_size": 64, "grid_size": 6},
     "promote": {"floor": 0.0},  # a 12-step model draws few right pictures: let its first version be champion
+    "evaluate": {"real_images": 60},
+    "sweep": {"steps": [2, 4], "reference_steps": 10, "guidance_scales": [1.0, 4.0]},
 }
 
 
@@ -80,6 +82,7 @@ def copy_project(dest: Path) -> Path:
     for name in ("dvc.yaml", "prefect.yaml", "pyproject.toml"):
         shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / "prompts", dest / "prompts")
+    shutil.copytree(ROOT / "analysis", dest / "analysis")
     (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
     return dest
 
@@ -136,13 +139,12 @@ def registered_model(tiny_params, tiny_model, text_encoder, tmp_path_factory) ->
     import mlflow
 
     from diffusion.registry import log_and_register
-    from diffusion.sample import settings_of
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with tracking_store(uri):
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("t2i-test", artifact_location=(root / "art").as_uri()))
-        info = log_and_register(tiny_model, text_encoder, settings_of(tiny_params.sample),
+        info = log_and_register(tiny_model, text_encoder, tiny_params.sample,
                                 {"adherence.held_out.all": 0.6}, "t2i-shapes",
                                 evaluation={"id": "fp-test"}, lineage={"lineage.git_commit": "test"})
         mlflow.MlflowClient().set_registered_model_alias("t2i-shapes", "champion", str(info["version"]))

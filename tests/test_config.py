@@ -15,9 +15,10 @@ def test_shipped_params_load_and_spell_out_every_key():
     # the shipped file lists every key, so DVC tracks each one: parsing it equals the defaults only
     # where the file agrees, and no section is missing from the file
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert set(data) == {"dataset", "ingest", "embed", "judge", "train", "sample", "register", "promote", "batch",
-                         "mlflow"}
+    assert set(data) == set(Params.__dataclass_fields__)
     assert set(data["train"]) | {"unet"} == set(Params().train.__dataclass_fields__)
+    for section in ("sample", "evaluate", "sweep", "promote", "batch"):
+        assert set(data[section]) == set(getattr(Params(), section).__dataclass_fields__), section
 
 
 def write(tmp_path, data) -> Path:
@@ -33,7 +34,9 @@ def write(tmp_path, data) -> Path:
         ({"train": {"lr": "fast"}}, "train.lr must be a number, got 'fast'"),
         ({"train": {"steps": 1.5}}, "train.steps must be an integer"),
         ({"train": {"unet": {"channels": "x"}}}, "train.unet.channels must be an integer"),
-        ({"sample": {"sampler": "euler"}}, "sample.sampler must be one of ddim, ddpm"),
+        ({"sample": {"sampler": "plms"}}, "sample.sampler must be one of ddim, ddpm, euler"),
+            ({"sample": {"guidance_interval": [5.0, 1.0]}}, "sample.guidance_interval must be"),
+            ({"sample": {"spacing": "leading"}}, "sample.spacing must be one of uniform"),
         ({"dataset": {"holdout": [{"color": "pink", "shape": "circle"}]}}, "dataset.holdout[0]: color 'pink'"),
         ({"train": 3}, "train must be a mapping"),
         ({"bogus": {}}, "unknown key bogus"),

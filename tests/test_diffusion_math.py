@@ -9,8 +9,8 @@ from diffusion.config import UNetConfig
 from diffusion.loss import diffusion_loss
 from diffusion.model import Cond, UNet
 from diffusion.precond import Denoiser, GuidedDenoiser
-from diffusion.samplers import ancestral_step, initial_noise, sample_ancestral
-from diffusion.schedules import ddpm_sigmas, linear_betas, sampling_sigmas, sigma_to_t
+from diffusion.samplers import SAMPLERS, ancestral_step, initial_noise, network_evals, sample_ancestral, sampler_fn
+from diffusion.schedules import SPACINGS, ddpm_sigmas, linear_betas, sampling_sigmas, sigma_to_t
 
 BETAS = linear_betas(1000, 1e-4, 0.02)
 SIGMAS = ddpm_sigmas(BETAS)
@@ -34,6 +34,24 @@ def test_sampling_sigmas_properties(steps):
         assert s[-2] == SIGMAS[0]
     if steps == 1000:
         assert torch.equal(s[:-1], SIGMAS.flip(0))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("steps", [1, 2, 5, 20, 100])
+def test_every_spacing_runs_from_sigma_max_to_zero(spacing, steps):
+    s = sampling_sigmas(SIGMAS, steps, spacing)
+    assert len(s) == steps + 1 and s[0] == SIGMAS[-1] and s[-1] == 0
+    assert (s[1:] < s[:-1]).all() and (s[:-1] >= SIGMAS[0] - 1e-12).all()
+
+
+def test_spacings_differ_where_they_should():
+    uniform, trailing, karras = (sampling_sigmas(SIGMAS, 10, sp) for sp in SPACINGS)
+    assert uniform[-2] == SIGMAS[0]                    # uniform ends on t = 0
+    assert trailing[-2] == SIGMAS[99]                  # trailing's last level is t = T/steps - 1
+    assert karras[-2] == pytest.approx(SIGMAS[0].item())
+    assert karras[-3] < uniform[-3] / 4                # karras steps more finely near sigma_min
+    with pytest.raises(ValueError, match="unknown spacing"):
+        sampling_sigmas(SIGMAS, 10, "leading")
 
 
 def test_sigma_to_t_inverts_the_table():
@@ -96,6 +114,62 @@ def test_samplers_turn_noise_into_the_data_distribution(eta, steps):
     out, _ = _oracle_samples(s, steps, eta)
     assert out.std().item() == pytest.approx(s, rel=0.05)
     assert abs(out.mean().item()) < 0.05
+
+
+def _run(name, s, steps, spacing, n=4000):
+    sigmas = sampling_sigmas(SIGMAS, steps, spacing)
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    x = initial_noise(gens, (1,), float(sigmas[0]), torch.device("cpu")).double()
+    g = torch.Generator().manual_seed(0)
+    calls = []
+
+    def oracle(x, sigma):
+        calls.append(float(sigma))
+        return GaussianOracle(s)(x, sigma)
+
+    out = sampler_fn(name)(oracle, x, sigmas, eta=1.0 if name == "dpmpp_2m_sde" else 0.0,
+                           noise_fn=lambda: torch.randn(x.shape, generator=g, dtype=x.dtype))
+    return out, calls
+
+
+@pytest.mark.parametrize("name, steps, spacing", [
+    ("euler", 200, "uniform"), ("heun", 40, "karras"), ("dpmpp_2m", 40, "karras"), ("dpmpp_2m", 100, "uniform"),
+    ("dpmpp_2m_sde", 100, "karras"), ("ddpm", 1000, "uniform"),
+])
+def test_every_sampler_reaches_the_data_distribution(name, steps, spacing):
+    """With the ideal denoiser for N(0, s^2) data every sampler must end at N(0, s^2)."""
+    s = 0.5
+    out, calls = _run(name, s, steps, spacing)
+    assert out.std().item() == pytest.approx(s, rel=0.05)
+    assert abs(out.mean().item()) < 0.05
+    assert len(calls) == network_evals(name, steps)
+
+
+def test_convergence_order_of_each_solver():
+    """The deterministic ODE solution for N(0, s^2) data maps x_T to x_T * sqrt((s^2 + sigma^2) / (1 + ...)):
+    doubling the steps halves Euler's error (first order) and quarters Heun's and
+    DPM-Solver++(2M)'s (second order)."""
+    s, sigma_max = 0.5, SIGMAS[-1].item()
+    x_t = initial_noise([torch.Generator().manual_seed(i) for i in range(64)], (1,), 0.0, torch.device("cpu")).double()
+    exact = x_t * s / math.sqrt(s**2 + sigma_max**2) * math.sqrt(1 + sigma_max**2)
+
+    def error(name, steps):
+        return (_run(name, s, steps, "karras", n=64)[0] - exact).abs().max().item()
+
+    ratio = {name: error(name, 32) / error(name, 64) for name in ("euler", "heun", "dpmpp_2m")}
+    assert 1.7 < ratio["euler"] < 2.5, ratio
+    assert ratio["heun"] > 3.5 and ratio["dpmpp_2m"] > 3.5, ratio
+    assert error("heun", 64) < error("euler", 64) / 5
+
+
+def test_euler_is_ddim_and_unknown_samplers_are_refused():
+    sigmas = sampling_sigmas(SIGMAS, 10)
+    x = torch.randn(4, 3, dtype=torch.float64) * sigmas[0]
+    oracle = GaussianOracle(0.5)
+    torch.testing.assert_close(sampler_fn("euler")(oracle, x, sigmas), sample_ancestral(oracle, x, sigmas))
+    assert set(SAMPLERS) == {"ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"}
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler_fn("plms")
 
 
 def tiny_denoiser(prediction="eps"):

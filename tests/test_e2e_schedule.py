@@ -31,12 +31,11 @@ def _register_champion(project, tiny_model, text_encoder, tiny_params) -> None:
     import mlflow
 
     from diffusion.registry import log_and_register
-    from diffusion.sample import settings_of
 
     with tracking_store(f"sqlite:///{project / 'mlflow.db'}"):
         mlflow.set_experiment(experiment_id=mlflow.create_experiment(
             "t2i-shapes", artifact_location=(project / "mlartifacts").as_uri()))
-        info = log_and_register(tiny_model, text_encoder, settings_of(tiny_params.sample),
+        info = log_and_register(tiny_model, text_encoder, tiny_params.sample,
                                 {"adherence.held_out.all": 0.7}, "t2i-shapes", evaluation={"id": "fp"})
         mlflow.MlflowClient().set_registered_model_alias("t2i-shapes", "champion", str(info["version"]))
 

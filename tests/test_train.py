@@ -1,11 +1,13 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from diffusion.generate import SamplerSettings, generate, table_cond
+from diffusion.config import SampleConfig
+from diffusion.generate import generate, table_cond
 from diffusion.shards import list_shards
 from diffusion.text import EmbeddingTable
 from diffusion.artifacts import load_model
@@ -85,11 +87,11 @@ def test_generation_depends_on_seed_not_batch(tiny_params, tiny_shards, tiny_emb
     den, _ = load_model(tmp_path)
     captions = sorted(c for c in table.rows if c)[:4]
     cond, uncond = table_cond(table, captions)
-    for sampler in ("ddim", "ddpm"):
-        s = SamplerSettings(sampler=sampler, steps=5, guidance_scale=3.0, batch_size=4)
+    for sampler in ("ddim", "ddpm", "heun", "dpmpp_2m", "dpmpp_2m_sde"):
+        s = SampleConfig(sampler=sampler, steps=5, guidance_scale=3.0, batch_size=4)
         together = generate(den, cond, uncond, [10, 11, 12, 13], 16, s)
-        alone = generate(den, cond, uncond, [10, 11, 12, 13], 16, SamplerSettings(sampler, 5, 0.0, 3.0, batch_size=1))
+        alone = generate(den, cond, uncond, [10, 11, 12, 13], 16, replace(s, batch_size=1))
         assert together.shape == (4, 16, 16, 3) and together.dtype == np.uint8
         assert np.array_equal(together, alone)
-    other_seed = generate(den, cond, uncond, [99, 11, 12, 13], 16, s)
+    other_seed = generate(den, cond, uncond, [99, 11, 12, 13], 16, s)  # the stochastic SDE sampler
     assert not np.array_equal(other_seed[0], together[0]) and np.array_equal(other_seed[1:], together[1:])
