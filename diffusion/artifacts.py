@@ -247,7 +247,8 @@ def read_metrics(metrics_file: str | Path) -> dict:
 
 
 EVAL_PAGE = "evaluation.md"  # reports/: the evaluate stage's readable page
-SWEEP_PAGE = "sweep.md"  # reports/: the sweep stage's page (beside its CSVs and plots)
+SWEEP_DIR = "sweep"  # reports/sweep/: the sweep stage's output
+SWEEP_PAGE = "sweep.md"  # the sweep's page, beside its CSVs and plots
 
 
 def write_adherence_plot(metrics: dict, path: str | Path) -> Path:

@@ -174,9 +174,9 @@ class SampleConfig:
     """Sampler settings (what ``generate`` reads; the registered model keeps the sampler keys)
     and the evaluation prompt set of the sample stage."""
 
-    sampler: str = "ddim"  # ddim | ddpm | euler | heun | dpmpp_2m | dpmpp_2m_sde (diffusion.samplers)
+    sampler: str = "ddpm"  # ddpm (ancestral) | ddim | euler | heun | dpmpp_2m | dpmpp_2m_sde (diffusion.samplers)
     steps: int = 20  # noise levels visited (heun evaluates the network 2 * steps - 1 times)
-    spacing: str = "uniform"  # uniform | trailing | karras (diffusion.schedules.sampling_sigmas)
+    spacing: str = "karras"  # karras | uniform | trailing (diffusion.schedules.sampling_sigmas)
     eta: Optional[float] = None  # ddim/euler/dpmpp_2m_sde noise: null = the sampler's default (sde 1, else 0)
     guidance_scale: float = 4.0
     # [sigma_lo, sigma_hi]: guidance only at noise levels inside (Kynkaanniemi et al. 2024); null: all
@@ -234,7 +234,7 @@ class SweepConfig:
     """The quality-vs-cost map (t2i sweep / the sweep DVC stage): every sampler at every step count,
     then guidance scales at the sample section's sampler, scored like the evaluate stage."""
 
-    samplers: list[str] = field(default_factory=lambda: ["ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
+    samplers: list[str] = field(default_factory=lambda: ["ddpm", "ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
     steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
     spacing: str = "karras"  # the spacing of the sampler sweep (the uniform DDPM-1000 point is added)
     reference_steps: int = 1000  # ddpm ancestral over every timestep: the reference point; 0: none

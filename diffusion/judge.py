@@ -39,8 +39,12 @@ class JudgeNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(2)
         self.heads = nn.ModuleDict({a: nn.Linear(4 * w * 4, len(v)) for a, v in vocab.items()})
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features every head reads (B, 16 * width): what FD-judge compares."""
+        return self.pool(self.features(x)).flatten(1)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.pool(self.features(x)).flatten(1)
+        h = self.embed(x)
         return {a: head(h) for a, head in self.heads.items()}
 
 
@@ -91,8 +95,28 @@ def predict(model: JudgeNet, images: np.ndarray, batch_size: int = 1024) -> dict
     return {a: np.concatenate(v) if v else np.zeros(0, int) for a, v in preds.items()}
 
 
-def score(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], held_out: np.ndarray) -> dict:
-    """Per-attribute and all-correct accuracy, overall and for seen / held-out combinations."""
+@torch.no_grad()
+def embed(model: JudgeNet, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 16 * width) float64 judge features."""
+    device = next(model.parameters()).device
+    parts = [model.embed(to_input(images[i:i + batch_size]).to(device)).double().cpu().numpy()
+             for i in range(0, len(images), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, model.heads[next(iter(model.heads))].in_features))
+
+
+def groups_of(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Evaluation groups of prompt rows: ``overall``/``seen``/``held_out`` over the training
+    wording, and ``paraphrased`` (new wording, every combination) where there is any."""
+    held = np.array([bool(r.get("held_out", False)) for r in rows], bool)
+    para = np.array([r.get("wording", "train") == "paraphrase" for r in rows], bool)
+    groups = {"overall": ~para, "seen": ~para & ~held, "held_out": ~para & held}
+    if para.any():
+        groups["paraphrased"] = para
+    return groups
+
+
+def score(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], groups: dict[str, np.ndarray]) -> dict:
+    """Per-attribute and all-correct accuracy for each group (a boolean mask over the rows)."""
     correct = {a: pred[a] == truth[a] for a in truth}
     every = np.logical_and.reduce(list(correct.values()))
 
@@ -103,7 +127,7 @@ def score(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], held_out: n
         res["n"] = n
         return res
 
-    return {"overall": acc(np.ones_like(held_out, bool)), "seen": acc(~held_out), "held_out": acc(held_out)}
+    return {name: acc(mask) for name, mask in groups.items()}
 
 
 def vocab_of(dataset_cfg) -> dict[str, list[str]]:
@@ -156,6 +180,6 @@ def build_judge(dataset_cfg, cfg: JudgeConfig, val_shards: list[str], out_dir: s
     val = list(iter_samples(val_shards))
     metas = [s["meta"] for s in val]
     metrics = score(predict(model, np.stack([s["image"] for s in val])), labels_from_metas(metas, vocab),
-                    np.array([bool(m["held_out"]) for m in metas]))
+                    groups_of(metas))
     save_judge(model, vocab, cfg.width, dataset_cfg.image_size, metrics, out_dir)
     return metrics

@@ -33,6 +33,16 @@ TEMPLATES = (
     "there is a {size} {color} {shape} {where}",
 )
 
+# New wording for evaluation only (the "paraphrased" group): the same attributes in sentence
+# patterns and word orders that no training caption uses, to show what the text conditioning
+# generalises to. Never used to make training captions.
+PARAPHRASES = (
+    "{color} {shape} ({size}) placed {where}",
+    "{where} there is a {shape} that is {color} and {size}",
+    "one {shape}, coloured {color}, {size}, {where}",
+    "an image showing a {color} {shape} of {size} size {where}",
+)
+
 
 @dataclass(frozen=True)
 class ShapeSample:
@@ -47,8 +57,8 @@ def where_phrase(position: str) -> str:
     return {"center": "in the center", "middle": "in the middle"}.get(position, f"on the {position}")
 
 
-def caption_for(attrs: dict[str, str], template: int) -> str:
-    t = TEMPLATES[template % len(TEMPLATES)]
+def caption_for(attrs: dict[str, str], template: int, templates: tuple[str, ...] = TEMPLATES) -> str:
+    t = templates[template % len(templates)]
     return t.format(where=where_phrase(attrs["position"]), **attrs)
 
 
@@ -136,16 +146,18 @@ def generate(cfg: DatasetConfig, split: str) -> Iterator[ShapeSample]:
         yield make_sample(cfg, split, i)
 
 
-def eval_prompts(cfg: DatasetConfig, per_combo: int) -> list[dict]:
-    """The evaluation prompt set: every combination ``per_combo`` times, templates cycled.
+def eval_prompts(cfg: DatasetConfig, per_combo: int, paraphrase_per_combo: int = 0) -> list[dict]:
+    """The evaluation prompt set: every combination ``per_combo`` times in the training wording
+    (templates cycled), then every combination ``paraphrase_per_combo`` times in new wording
+    (``PARAPHRASES``, cycled).
 
-    Returns dicts with the prompt, its attributes and whether the combination was held out.
+    Returns dicts with the prompt, its attributes, whether the combination was held out, and the
+    wording ("train" or "paraphrase").
     """
     rows = []
-    for c_idx, attrs in enumerate(all_combos(cfg)):
-        for k in range(per_combo):
-            template = (c_idx + k) % len(TEMPLATES)
-            rows.append(
-                {"prompt": caption_for(attrs, template), **attrs, "held_out": is_held_out(attrs, cfg.holdout)}
-            )
+    for wording, templates, n in (("train", TEMPLATES, per_combo), ("paraphrase", PARAPHRASES, paraphrase_per_combo)):
+        for c_idx, attrs in enumerate(all_combos(cfg)):
+            for k in range(n):
+                rows.append({"prompt": caption_for(attrs, c_idx + k, templates), **attrs,
+                             "held_out": is_held_out(attrs, cfg.holdout), "wording": wording})
     return rows

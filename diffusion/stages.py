@@ -7,6 +7,7 @@ a notebook. Each checks its inputs first and raises one-line ``T2IError``s.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from diffusion import artifacts as art
@@ -54,7 +55,8 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     import mlflow
 
     from diffusion import tracking
-    from diffusion.generate import SamplerSettings, generate, make_grid, table_cond
+    from diffusion.config import SampleConfig
+    from diffusion.generate import generate, make_grid, table_cond
     from diffusion.text import EmbeddingTable
     from diffusion.train import train as train_loop
 
@@ -71,7 +73,7 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
 
     def grid_fn(denoiser, step):
         cond, uncond = table_cond(table, grid_captions)
-        images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), image_size, SamplerSettings())
+        images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), image_size, SampleConfig())
         grid = make_grid(images, grid_captions)
         grid.save(out / art.TRAIN_GRID)
         return grid
@@ -132,21 +134,77 @@ def sample(p: Params, shards_dir: str | Path, model_dir: str | Path, out_dir: st
 
 
 def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_dir: str | Path,
-             metrics_file: str | Path) -> dict:
+             metrics_file: str | Path, shards_dir: str | Path | None = None,
+             report_file: str | Path | None = None) -> dict:
+    """Score the sample stage's images (``diffusion.evaluate``): against real validation images
+    from ``shards_dir`` where given; the readable page goes to ``report_file``."""
     import mlflow
 
     from diffusion import tracking
     from diffusion.evaluate import evaluate_samples
+    from diffusion.report import evaluation_page
 
-    metrics = evaluate_samples(samples_dir, art.require(judge_dir, "judge", "judge"))
+    real = (lambda n: art.val_images(shards_dir, n)) if shards_dir else None
+    metrics = evaluate_samples(samples_dir, art.require(judge_dir, "judge", "judge"), real, p.evaluate,
+                               art.val_identity(shards_dir) if shards_dir else None)
     art.write_json(metrics_file, metrics)
+    grid = Path(samples_dir) / art.GRID
+    if report_file:
+        evaluation_page(metrics, report_file, grid, Path(report_file).parent / art.SWEEP_DIR / art.SWEEP_PAGE)
     run = art.read_run_file(model_dir)
     if run:
         tracking.setup(p.mlflow)
         with mlflow.start_run(run_id=run["run_id"]):
             mlflow.log_metrics(tracking.evaluation_metrics(metrics))
             mlflow.log_dict(metrics, "metrics.json")
+            if report_file:
+                mlflow.log_artifact(str(report_file), "evaluation")
     return metrics
+
+
+def sweep(p: Params, shards_dir: str | Path, model_dir: str | Path, judge_dir: str | Path,
+          out_dir: str | Path, progress: bool = True) -> dict:
+    """The quality-vs-cost map (``diffusion.sweep``): the built-in set draws ``sweep.per_combo``
+    images of every combination per point; other data ``sweep.n_prompts`` validation captions."""
+    import mlflow
+
+    from diffusion import tracking
+    from diffusion.judge import load_judge
+    from diffusion.sample import eval_rows
+    from diffusion.sweep import run_points, sweep_settings, write_sweep
+    from diffusion.text import pick_device
+
+    denoiser, meta = art.load_model(model_dir, pick_device(p.sample.device))
+    encoder = _encoder_for(p, meta)
+    judge, info = load_judge(art.require(judge_dir, "judge", "judge"))
+    builtin = p.ingest.source == "builtin"
+    w = p.sweep
+    rows = eval_rows(p.dataset if builtin else None,
+                     replace(p.sample, per_combo=w.per_combo, paraphrase_per_combo=0, n_prompts=w.n_prompts),
+                     [] if builtin else art.split_captions(shards_dir, "val"))
+    seeds = [w.seed + i for i in range(len(rows))]
+    real = art.val_images(shards_dir, p.evaluate.real_images)
+    points, guidance = sweep_settings(w, p.sample)
+    args = (denoiser, encoder, meta["image_size"], rows, seeds, judge, info, real, progress)
+    point_records, guidance_records = run_points(points, *args), run_points(guidance, *args)
+    page = write_sweep(point_records, guidance_records, out_dir)
+    run = art.read_run_file(model_dir)
+    if run:
+        tracking.setup(p.mlflow)
+        with mlflow.start_run(run_id=run["run_id"]):
+            for r in point_records:  # one metric per sampler, its step count on MLflow's step axis
+                for key in ("fd_judge", "all", "speckle", "seconds_per_image"):
+                    if r[key] == r[key]:
+                        mlflow.log_metric(f"sweep.{r['sampler']}.{r['spacing']}.{key}", r[key], step=r["steps"])
+            for r in guidance_records:
+                for key in ("fd_judge", "all", "speckle"):
+                    if r[key] == r[key]:
+                        mlflow.log_metric(f"sweep.guidance.{key}", r[key], step=int(round(r["guidance_scale"] * 10)))
+            mlflow.log_artifacts(str(out_dir), "sweep")
+    from diffusion.report import recommend
+
+    return {"points": len(point_records), "guidance": len(guidance_records), "page": str(page),
+            "recommended": recommend(point_records)}
 
 
 def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_file: str | Path,
@@ -155,7 +213,6 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
     (git commit, the data it was trained on from ``project_dir``/dvc.lock, the params hash)."""
     from diffusion import lineage, tracking
     from diffusion.registry import log_and_register
-    from diffusion.sample import settings_of
 
     meta = art.model_meta(model_dir)
     metrics = art.read_metrics(metrics_file)
@@ -163,10 +220,11 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
     tracking.setup(p.mlflow)
     run = art.read_run_file(model_dir)
     flat = tracking.evaluation_metrics(metrics)
-    keep = {k: v for k, v in flat.items() if k.endswith((".all", ".shape", ".color", ".size", ".position"))}
+    keep = {k: v for k, v in flat.items() if k.endswith((".all", ".shape", ".color", ".size", ".position"))
+            or k in ("fd_judge.generated", "fidelity.generated.speckle", "image.fid", "image.clip_score")}
     evaluation = metrics.get("fingerprint") or {}
     tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"))
-    info = log_and_register(model_dir, encoder, settings_of(p.sample), keep, p.register.model_name,
+    info = log_and_register(model_dir, encoder, p.sample, keep, p.register.model_name,
                             run.get("run_id"), evaluation=evaluation, lineage=tags)
     info["tracking_uri"] = tracking.tracking_uri(p.mlflow)
     art.write_json(out_file, info)

@@ -104,7 +104,7 @@ INPUTS = {
     "sweep": [("shards", "shards", "ingest"), ("model", "trained model", "train"), ("judge", "judge", "judge")],
     "promote": [("registered", "registered model record", "register")],
 }
-NEEDS_TEXT_MODEL = ("embed", "sample", "register")
+NEEDS_TEXT_MODEL = ("embed", "sample", "register", "sweep")
 
 
 def _ingest(p, a):

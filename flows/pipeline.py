@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 
 from diffusion.errors import T2IError
-from flows.project import STAGES
+from flows.project import DVC_TARGETS, OPTIONAL_STAGES, STAGES
 
 
 
@@ -39,7 +39,8 @@ def current_api_url() -> str | None:
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}")
 def repro_stage(stage: str, project_dir: str, force: bool, api_url: str | None) -> None:
-    cmd = [sys.executable, "-m", "dvc", "repro", stage] + (["--force", "--single-item"] if force else [])
+    cmd = [sys.executable, "-m", "dvc", "repro", DVC_TARGETS.get(stage, stage)]
+    cmd += ["--force", "--single-item"] if force else []
     get_run_logger().info("running %s", " ".join(cmd[2:]))
     proc = subprocess.run(cmd, cwd=project_dir, env=stage_env(api_url))
     if proc.returncode != 0:
@@ -51,16 +52,17 @@ def train_flow(project_dir: str = ".", stages: list[str] | None = None, force: b
     """Reproduce the pipeline (ingest -> embed -> judge -> train -> sample -> evaluate -> register
     -> promote): it ends with the promotion policy applied to the version it registered.
 
-    ``stages`` limits the run to some stages (and whatever DVC finds stale upstream of them);
-    ``force`` reruns them even if nothing changed.
+    ``stages`` limits the run to some stages (and whatever DVC finds stale upstream of them), or
+    names an optional one (``sweep``: the quality-vs-cost map); ``force`` reruns them even if
+    nothing changed.
     """
     project = Path(project_dir).resolve()
     if not (project / "dvc.yaml").is_file():
         raise T2IError(f"no dvc.yaml in {project}: run train-flow from the project folder")
     chosen = list(stages or STAGES)
-    unknown = [s for s in chosen if s not in STAGES]
+    unknown = [s for s in chosen if s not in STAGES + OPTIONAL_STAGES]
     if unknown:
-        raise T2IError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        raise T2IError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES + OPTIONAL_STAGES)}")
     api_url = current_api_url()
     for stage in chosen:
         repro_stage(stage, str(project), force, api_url)

@@ -11,6 +11,10 @@ from diffusion.artifacts import GRID
 
 # dvc.yaml's stages, in pipeline order (train-flow runs them one by one; `t2i pipeline --stage` checks names)
 STAGES = ("ingest", "embed", "judge", "train", "sample", "evaluate", "register", "promote")
+# stages that `t2i pipeline --stage NAME` (or `dvc repro NAME`) runs on request, not by default
+OPTIONAL_STAGES = ("sweep",)
+# the dvc repro target of each stage (optional ones live in analysis/dvc.yaml)
+DVC_TARGETS = {"sweep": "analysis/dvc.yaml:sweep"}
 
 
 def _first(entries: list) -> str | None:

@@ -42,8 +42,14 @@ def sample_task(p: Params, shards_dir: str, model_dir: str, out_dir: str) -> dic
 
 
 @task(name="evaluate")
-def evaluate_task(p: Params, samples_dir: str, judge_dir: str, model_dir: str, metrics_file: str) -> dict:
-    return stages.evaluate(p, samples_dir, judge_dir, model_dir, metrics_file)
+def evaluate_task(p: Params, samples_dir: str, judge_dir: str, model_dir: str, metrics_file: str,
+                  shards_dir: str | None = None, report_file: str | None = None) -> dict:
+    return stages.evaluate(p, samples_dir, judge_dir, model_dir, metrics_file, shards_dir, report_file)
+
+
+@task(name="sweep")
+def sweep_task(p: Params, shards_dir: str, model_dir: str, judge_dir: str, out_dir: str) -> dict:
+    return stages.sweep(p, shards_dir, model_dir, judge_dir, out_dir)
 
 
 @task(name="register", retries=2, retry_delay_seconds=[5, 30])  # a remote registry may blink
@@ -92,10 +98,22 @@ def sample_flow(p: Params, shards_dir: str, model_dir: str, out_dir: str) -> dic
 
 
 @flow(name="stage-evaluate", log_prints=True)
-def evaluate_flow(p: Params, samples_dir: str, judge_dir: str, model_dir: str, metrics_file: str) -> dict:
-    return evaluate_task(p, samples_dir, judge_dir, model_dir, metrics_file)
+def evaluate_flow(p: Params, samples_dir: str, judge_dir: str, model_dir: str, metrics_file: str,
+                  shards_dir: str | None = None, report_file: str | None = None) -> dict:
+    return evaluate_task(p, samples_dir, judge_dir, model_dir, metrics_file, shards_dir, report_file)
 
 
 @flow(name="stage-register", log_prints=True)
 def register_flow(p: Params, model_dir: str, metrics_file: str, out_file: str) -> dict:
     return register_task(p, model_dir, metrics_file, out_file)
+
+
+@flow(name="stage-sweep", log_prints=True)
+def sweep_flow(p: Params, shards_dir: str, model_dir: str, judge_dir: str, out_dir: str) -> dict:
+    result = sweep_task(p, shards_dir, model_dir, judge_dir, out_dir)
+    best = result["recommended"]
+    if best:
+        print(f"sweep: recommended {best['sampler']} at {best['steps']} steps ({best['spacing']}): "
+              f"all-correct {best['all']:.1%}, FD-judge {best['fd_judge']:.3g}, {best['seconds_per_image']:.4f} s/image")
+    print(f"sweep: {result['points']} sampler points, {result['guidance']} guidance points -> {result['page']}")
+    return result

@@ -149,3 +149,26 @@ def registered_model(tiny_params, tiny_model, text_encoder, tmp_path_factory) ->
                                 evaluation={"id": "fp-test"}, lineage={"lineage.git_commit": "test"})
         mlflow.MlflowClient().set_registered_model_alias("t2i-shapes", "champion", str(info["version"]))
     return {"tracking_uri": uri, "name": "t2i-shapes", "version": info["version"], "dir": root}
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A random state dict that torch-fidelity's FeatureExtractorInceptionV3 loads like the real file."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from diffusion.metrics import INCEPTION_FILE
+
+    class Unloaded(FeatureExtractorInceptionV3):  # its constructor insists on loading a file: skip that
+        def load_state_dict(self, state_dict, strict=True):
+            pass
+
+    d = tmp_path_factory.mktemp("inception")
+    torch.save({}, d / "empty.pth")
+    torch.manual_seed(0)
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(d / "empty.pth"))
+    for m in net.modules():  # He init keeps activations O(1) through 94 conv layers (PyTorch's default shrinks them)
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), d / INCEPTION_FILE)
+    return d / INCEPTION_FILE

@@ -28,7 +28,7 @@ LINEAGE_TAGS = ("lineage.git_commit", "lineage.git_dirty", "lineage.data.data/sh
 
 
 def ran(stdout: str) -> set[str]:
-    return set(re.findall(r"Running stage '(\w+)'", stdout))
+    return set(re.findall(r"Running stage '([\w/.:]+)'", stdout))
 
 
 def test_committed_dvc_remote_is_per_user_and_overridable(tmp_path):
@@ -91,13 +91,15 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     grid = Image.open(project / "data/samples/grid.png")
     assert grid.width > 200
     manifest = pd.read_parquet(project / "data/samples/manifest.parquet")
-    assert len(manifest) == 108 and manifest["seed"].is_unique
+    assert len(manifest) == 108 + 108 and manifest["seed"].is_unique  # training wording + paraphrased
     reg = json.loads((project / "reports/registered_model.json").read_text())
     assert reg["version"] == 1 and reg["uri"] == "models:/t2i-shapes/1"
     loss = pd.read_csv(project / "data/model/loss.csv")
     assert list(loss.columns) == ["step", "loss"] and list(loss["step"]) == [4, 8, 12]
     adherence = pd.read_csv(project / "reports/adherence.csv")
     assert {"seen.all", "held_out.all"} <= set(adherence["metric"])
+    assert metrics["fd_judge"]["generated"] > 0 and "speckle" in metrics["fidelity"]["generated"]
+    assert "paraphrased" in metrics["adherence"] and "FD-judge" in (project / "reports/evaluation.md").read_text()
 
     # MLflow: the run has params, the loss curve, the grid; the registry has a tagged version
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
@@ -147,6 +149,12 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     second = run([dvc, "repro"], project, env)
     assert ran(second.stdout) == set()
 
+    # the sweep, on request: its own pipeline file, not part of `dvc repro`
+    sweep = run([dvc, "repro", "analysis/dvc.yaml:sweep"], project, env)
+    assert ran(sweep.stdout) == {"analysis/dvc.yaml:sweep"}
+    points = pd.read_csv(project / "reports/sweep/points.csv")
+    assert len(points) == 5 * 2 + 1 and set(points["sampler"]) == {"ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde", "ddpm"}
+
     # `dvc plots show`: the loss curve and the adherence bars, with their data
     run([dvc, "plots", "show", "-o", str(tmp_path / "plots")], project, env)
     html = (tmp_path / "plots/index.html").read_text()
@@ -156,6 +164,9 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     loss_plot = plots["loss"][0]["content"]
     assert [float(r["loss"]) for r in loss_plot["data"]["values"]] == pytest.approx(list(loss["loss"]), abs=1e-5)
     bars = {r["metric"]: float(r["value"]) for r in plots["adherence"][0]["content"]["data"]["values"]}
+    fd = {(r["filename"], r["steps"]): float(r["fd_judge"]) for r in plots["sweep_fd_judge"][0]["content"]["data"]["values"]}
+    assert len(fd) == 5 * 2 + 1 and fd[("heun-karras.csv", "4")] == pytest.approx(
+        points.query("sampler == 'heun' and steps == 4")["fd_judge"].item(), rel=1e-5)
     assert bars["held_out.all"] == pytest.approx(metrics["adherence"]["held_out"]["all"], abs=1e-5)
 
     # push, a fresh clone, pull: everything is up to date and nothing reruns

@@ -2,18 +2,29 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from diffusion.config import JudgeConfig
-from diffusion.judge import build_judge, load_judge, predict, score, vocab_of
+from diffusion.judge import build_judge, groups_of, load_judge, predict, score, vocab_of
 from diffusion.shards import iter_samples, list_shards
 
 
 def test_score_counts_per_attribute_and_all_correct():
     truth = {"shape": np.array([0, 1, 2, 0]), "color": np.array([1, 1, 1, 1])}
     pred = {"shape": np.array([0, 1, 0, 0]), "color": np.array([1, 0, 1, 1])}
-    held = np.array([False, False, True, True])
-    s = score(pred, truth, held)
+    rows = [{"held_out": h} for h in (False, False, True, True)]
+    s = score(pred, truth, groups_of(rows))
+    assert set(s) == {"overall", "seen", "held_out"}
     assert s["overall"] == {"shape": 0.75, "color": 0.75, "all": 0.5, "n": 4}
     assert s["seen"] == {"shape": 1.0, "color": 0.5, "all": 0.5, "n": 2}
     assert s["held_out"] == {"shape": 0.5, "color": 1.0, "all": 0.5, "n": 2}
+
+
+def test_paraphrased_rows_are_their_own_group_and_stay_out_of_the_others():
+    truth = {"shape": np.array([0, 1, 2, 0, 1])}
+    pred = {"shape": np.array([0, 1, 2, 1, 2])}
+    rows = [{"held_out": False}, {"held_out": True}, {"held_out": False, "wording": "train"},
+            {"held_out": False, "wording": "paraphrase"}, {"held_out": True, "wording": "paraphrase"}]
+    s = score(pred, truth, groups_of(rows))
+    assert s["overall"]["n"] == 3 and s["overall"]["all"] == 1.0
+    assert s["paraphrased"] == {"shape": 0.0, "all": 0.0, "n": 2}
 
 
 def test_judge_learns_the_attributes_of_real_images(tiny_params, tiny_shards, tmp_path):
@@ -34,5 +45,5 @@ def test_judge_learns_the_attributes_of_real_images(tiny_params, tiny_shards, tm
     assert len(set(pred["position"].tolist())) == len(info["vocab"]["position"])
     truth = {a: np.array([info["vocab"][a].index(s["meta"][a]) for s in val]) for a in info["vocab"]}
     perm = np.random.default_rng(0).permutation(len(val))
-    shuffled = score(pred, {a: v[perm] for a, v in truth.items()}, np.zeros(len(val), bool))["overall"]
+    shuffled = score(pred, {a: v[perm] for a, v in truth.items()}, groups_of([{"held_out": False}] * len(val)))["overall"]
     assert shuffled["all"] < 0.2 and shuffled["color"] < 0.5

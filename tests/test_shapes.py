@@ -66,3 +66,20 @@ def test_eval_prompts_cover_every_combination():
     assert sum(r["held_out"] for r in rows) == 2 * 3 * 2 * 3
     assert {tuple(r[a] for a in ("shape", "color", "size", "position")) for r in rows} == \
         {tuple(c.values()) for c in all_combos(CFG)}
+
+
+def test_paraphrased_prompts_are_new_wording_of_every_combination(tiny_params, tiny_shards):
+    from diffusion.shapes import PARAPHRASES
+    from diffusion.text import captions_from_index
+
+    rows = eval_prompts(CFG, 1, paraphrase_per_combo=2)
+    para = [r for r in rows if r["wording"] == "paraphrase"]
+    assert len(para) == 2 * len(all_combos(CFG)) and len(rows) == 3 * len(all_combos(CFG))
+    assert len({r["prompt"] for r in para}) == len(para)
+    # no caption the generator can write is a paraphrased prompt ...
+    possible = {caption_for(c, t) for c in all_combos(CFG) for t in range(len(TEMPLATES))}
+    assert not possible & {r["prompt"] for r in para}
+    # ... and none of the captions in real shards (exact strings, every template of every combination)
+    every = eval_prompts(tiny_params.dataset, 0, paraphrase_per_combo=len(PARAPHRASES))
+    shard_captions = set(captions_from_index(tiny_shards))
+    assert len(shard_captions) > 50 and not shard_captions & {r["prompt"] for r in every}

@@ -12,7 +12,7 @@ from diffusion import stages
 from diffusion.config import parse_params
 
 
-def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch):
+def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch, inception_weights):
     src = tmp_path / "photos"
     src.mkdir()
     for i in range(40):
@@ -22,6 +22,8 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch):
     data["ingest"].update(source="folder", path=str(src), image_size=16, image_format="jpg", min_size=32,
                           val_fraction=0.2, dedupe=True)
     data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # FID/KID through the real loading path, with randomly initialised Inception weights in a file
+    data["evaluate"].update(inception_weights=str(inception_weights), cache_dir=str(tmp_path / "eval-cache"))
     p = parse_params(data, "test")
     monkeypatch.chdir(tmp_path)
     stats = stages.ingest(p, tmp_path / "shards")
@@ -37,6 +39,14 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch):
     val_captions = set(pq.read_table(tmp_path / "shards/index-val.parquet").column("caption").to_pylist())
     assert manifest and {r["prompt"] for r in manifest} <= val_captions
     metrics = stages.evaluate(p, tmp_path / "samples", tmp_path / "judge", tmp_path / "model",
-                              tmp_path / "reports/metrics.json")
-    assert metrics["adherence"] is None and "built-in" in metrics["note"]
+                              tmp_path / "reports/metrics.json", tmp_path / "shards", tmp_path / "reports/evaluation.md")
+    assert metrics["adherence"] is None and "built-in" in metrics["note"] and metrics["fd_judge"] is None
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["samples"] == len(manifest)
+    # metrics on any data: FID and KID against the real validation images, fidelity; CLIP skipped (no weights)
+    image = metrics["image"]
+    assert image["fid"] > 0 and image["kid"]["mean"] == image["kid"]["mean"] and image["n_real"] > 0
+    assert image["clip_score"] is None and "clip_pretrained" in image["skipped"]["clip_score"]
+    assert metrics["fidelity"]["generated"]["grain"] >= 0 and metrics["fidelity"]["real"] is not None
+    assert len(list((tmp_path / "eval-cache").glob("*.npz"))) == 1  # the real set's features, cached
+    page = (tmp_path / "reports/evaluation.md").read_text()
+    assert "Adherence: not applicable" in page and "| FID |" in page
