@@ -128,7 +128,9 @@ def sample(p: Params, shards_dir: str | Path, model_dir: str | Path, out_dir: st
     if run:
         tracking.setup(p.mlflow)
         with mlflow.start_run(run_id=run["run_id"]):
-            mlflow.log_params({f"sample.{k}": v for k, v in to_dict(p.sample).items()})
+            # tags, not params: a rerun with other sampler settings (dvc repro after a `sample` change)
+            # logs to the same training run, and MLflow refuses to change a logged param
+            mlflow.set_tags({f"sample.{k}": str(v) for k, v in to_dict(p.sample).items()})
             mlflow.log_artifact(str(out / art.GRID), "samples")
     return {"images": len(list((out / art.IMAGES).glob("*.png"))), "grid": str(out / art.GRID)}
 

@@ -110,3 +110,18 @@ def test_sweep_stage_writes_points_curves_plots_and_page(tiny_params, tiny_shard
     assert (out / "quality_vs_cost.png").stat().st_size > 1000 and (out / "guidance.png").is_file()
     page = (out / art.SWEEP_PAGE).read_text()
     assert "| dpmpp_2m | karras | 4 |" in page and "![quality against cost](quality_vs_cost.png)" in page
+
+
+def test_sampling_again_with_other_settings_logs_to_the_same_training_run(tiny_params, tiny_shards, tiny_embeddings,
+                                                                         tmp_path):
+    """Changing a sample key reruns sample (not train) against the training run: that must not
+    trip MLflow's rule that a logged param never changes."""
+    import mlflow
+
+    p = replace(tiny_params, mlflow=replace(tiny_params.mlflow, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    info = stages.train(p, tiny_shards, tiny_embeddings, tmp_path / "model", progress=False)
+    for sampler, steps in (("ddpm", 4), ("dpmpp_2m", 3)):
+        q = replace(p, sample=replace(p.sample, sampler=sampler, steps=steps, paraphrase_per_combo=0))
+        stages.sample(q, tiny_shards, tmp_path / "model", tmp_path / "samples", progress=False)
+    run = mlflow.MlflowClient(tracking_uri=p.mlflow.tracking_uri).get_run(info["run_id"])
+    assert run.data.tags["sample.sampler"] == "dpmpp_2m" and run.data.tags["sample.steps"] == "3"
