@@ -149,7 +149,7 @@ def resolve_inception_weights(setting: str | None) -> tuple[Path | None, str]:
             if (d / INCEPTION_FILE).is_file():
                 return d / INCEPTION_FILE, f"found in {d}"
         return None, (f"no Inception weights: download {INCEPTION_URL} into {' or '.join(map(str, dirs))} "
-                      "(or a folder named by $T2I_WEIGHTS_DIR), or set inception_weights to the file's path")
+                      "(or a folder named by $T2I_WEIGHTS_DIR), or set evaluate.inception_weights to the file's path")
     path = Path(setting).expanduser()
     if path.is_file():
         return path, f"file {path}"
@@ -224,7 +224,7 @@ def resolve_clip(model: str, pretrained: str | None) -> tuple[ClipSpec | None, s
     """(spec, reason) for CLIP weights that are already on this machine: a file, or a pretrained tag
     found in the local cache. Never downloads; anything else is a reason to skip the CLIP score."""
     if pretrained is None:
-        return None, (f"clip_score needs weights: set clip_pretrained to a weights file for {model} "
+        return None, (f"clip_score needs weights: set evaluate.clip_pretrained to a weights file for {model} "
                       "or to an open_clip tag already in the local cache")
     try:
         model_config(model)
@@ -244,7 +244,7 @@ def resolve_clip(model: str, pretrained: str | None) -> tuple[ClipSpec | None, s
     file = _cached_tag_file(pcfg)
     if file is None:
         return None, (f"CLIP weights {model}/{pretrained} are not in the local cache and are never downloaded here: "
-                      "fetch them on a machine with internet, or set clip_pretrained to a weights file")
+                      "fetch them on a machine with internet, or set evaluate.clip_pretrained to a weights file")
     preprocess = {f"image_{k}": pcfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if pcfg.get(k)}
     return ClipSpec(model, file, preprocess, bool(pcfg.get("quick_gelu"))), f"cached {model}/{pretrained}"
 

@@ -94,8 +94,7 @@ def evaluation_page(metrics: dict, page: str | Path, grid: str | Path | None = N
 
 
 def sweep_page(points: list[dict], guidance: list[dict], page: str | Path, plots: dict[str, str | Path]) -> Path:
-    """The sweep's page: its plots and a table per sweep, with the recommendation (the cheapest
-    point within 2 points of the best all-correct adherence and at most 1.25x the best FD-judge)."""
+    """The sweep's page: its plots and a table per sweep, with the recommendation (``recommend``)."""
     page = Path(page)
     lines = ["# Quality against cost", ""]
     for title, path in plots.items():
@@ -122,11 +121,12 @@ def _row(p: dict) -> str:
 
 
 def recommend(points: list[dict]) -> dict | None:
-    """The cheapest sweep point whose all-correct adherence is within 2 points of the best and
-    whose FD-judge is at most 1.25x the best (NaN metrics never qualify)."""
+    """The cheapest sweep point (fewest network evaluations per image, then seconds) whose
+    all-correct adherence is within 2 points of the best and whose FD-judge is at most 1.25x the
+    best (NaN metrics never qualify)."""
     ok = [p for p in points if p["all"] == p["all"] and p["fd_judge"] == p["fd_judge"]]
     if not ok:
         return None
     top, floor = max(p["all"] for p in ok), min(p["fd_judge"] for p in ok)
     good = [p for p in ok if p["all"] >= top - 0.02 and p["fd_judge"] <= 1.25 * floor]
-    return min(good, key=lambda p: p["seconds_per_image"])
+    return min(good, key=lambda p: (p["evals"], p["seconds_per_image"]))

@@ -89,14 +89,14 @@ def _plot(points: list[dict], guidance: list[dict], out: Path) -> dict[str, Path
     paths = {"quality against cost": out / "quality_vs_cost.png", "guidance scale": out / "guidance.png"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
     for name in dict.fromkeys(curve_name(p) for p in points):
-        ser = sorted((p for p in points if curve_name(p) == name), key=lambda p: p["seconds_per_image"])
-        x = [p["seconds_per_image"] for p in ser]
+        ser = sorted((p for p in points if curve_name(p) == name), key=lambda p: p["evals"])
+        x = [p["evals"] for p in ser]
         style = dict(marker="o", label=name if len(ser) > 1 else f"{name} {ser[0]['steps']} steps")
         for ax, key in zip(axes, ("fd_judge", "all", "speckle")):
             ax.plot(x, [p[key] for p in ser], **style)
     for ax, label in zip(axes, ("FD-judge (lower is better)", "all-correct adherence", "speckle (pixel fraction)")):
         ax.set_xscale("log")
-        ax.set_xlabel("seconds per image")
+        ax.set_xlabel("network evaluations per image (cost; seconds in points.csv)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
