@@ -310,7 +310,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "embed.device": ("auto", "cpu", "cuda"),
     "judge.device": ("auto", "cpu", "cuda"),
     "sample.device": ("auto", "cpu", "cuda"),
-    "sample.sampler": ("ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"),
+    "sample.sampler": ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"),
     "sample.spacing": ("uniform", "trailing", "karras"),
     "sweep.spacing": ("uniform", "trailing", "karras"),
     "evaluate.device": ("auto", "cpu", "cuda"),

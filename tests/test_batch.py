@@ -100,8 +100,9 @@ def test_batch_writes_images_manifest_and_contact_sheet(tmp_path, local_gen, tin
     summary = generate_batch(local_gen, rows, out, batch_size=2, progress=False, log=lambda *_: None)
     assert out == tmp_path / "batches/2026-11-27/run-a"
     m = _frame(out)
-    assert list(m.columns) == ["index", "prompt", "negative_prompt", "seed", "sampler", "steps", "guidance_scale",
-                               "eta", "model_name", "model_version", "run_id", "file", "sha256", "time"]
+    assert list(m.columns) == ["index", "prompt", "negative_prompt", "seed", "sampler", "spacing", "steps",
+                               "guidance_scale", "eta", "model_name", "model_version", "run_id", "file", "sha256",
+                               "time"]
     assert list(m["prompt"]) == PROMPTS and list(m["seed"]) == [10, 11, 12, 13, 14]
     assert set(m["model_version"]) == {"local"} and set(m["model_name"]) == {tiny_model.name}
     for r in m.itertuples():

@@ -34,7 +34,7 @@ def write(tmp_path, data) -> Path:
         ({"train": {"lr": "fast"}}, "train.lr must be a number, got 'fast'"),
         ({"train": {"steps": 1.5}}, "train.steps must be an integer"),
         ({"train": {"unet": {"channels": "x"}}}, "train.unet.channels must be an integer"),
-        ({"sample": {"sampler": "plms"}}, "sample.sampler must be one of ddim, ddpm, euler"),
+        ({"sample": {"sampler": "plms"}}, "sample.sampler must be one of ddpm, ddim, euler"),
             ({"sample": {"guidance_interval": [5.0, 1.0]}}, "sample.guidance_interval must be"),
             ({"sample": {"spacing": "leading"}}, "sample.spacing must be one of uniform"),
         ({"dataset": {"holdout": [{"color": "pink", "shape": "circle"}]}}, "dataset.holdout[0]: color 'pink'"),

@@ -170,7 +170,7 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     assert bars["held_out.all"] == pytest.approx(metrics["adherence"]["held_out"]["all"], abs=1e-5)
 
     # push, a fresh clone, pull: everything is up to date and nothing reruns
-    git_commit(project, env, "pipeline run", "dvc.lock", "data/.gitignore", "reports")
+    git_commit(project, env, "pipeline run", "dvc.lock", "analysis/dvc.lock", "data/.gitignore", "reports")
     run([dvc, "push"], project, env)
     assert f"Cache and remote '{DVC_REMOTE}' are in sync" in run([dvc, "status", "--cloud"], project, env).stdout
     clone = tmp_path / "clone"

@@ -147,6 +147,10 @@ def test_params_override_the_registered_sampler(server, in_process):
     assert fewer != default
     local = in_process.predict(pd.DataFrame(one), params={"steps": 2})
     assert png(fewer) == local["image"][0]
+    # another sampler and spacing by name; eta left out takes that sampler's own default
+    other = {"sampler": "dpmpp_2m_sde", "spacing": "uniform", "steps": 3}
+    served = server.predictions({"dataframe_records": one, "params": other})[0]["image"]
+    assert served != default and png(served) == in_process.predict(pd.DataFrame(one), params=other)["image"][0]
 
 
 def test_negative_prompt_and_seed_are_optional(server, in_process):
@@ -167,7 +171,9 @@ def test_a_request_without_prompts_is_an_error_not_a_hang(server):
     status, answer = server.invoke({"dataframe_records": [{"seed": 1}]}, timeout=30)
     assert status == 400 and "missing inputs ['prompt']" in answer["message"]
     # a bad sampler setting is refused by name (not silently sampled as DDIM)
-    status, answer = server.invoke({"dataframe_records": [RECORDS[0]], "params": {"sampler": "euler"}}, timeout=30)
-    assert status == 400 and "sampler must be one of ddim, ddpm" in answer["message"]
+    status, answer = server.invoke({"dataframe_records": [RECORDS[0]], "params": {"sampler": "plms"}}, timeout=30)
+    assert status == 400 and "sampler must be one of ddpm, ddim, euler" in answer["message"]
+    status, answer = server.invoke({"dataframe_records": [RECORDS[0]], "params": {"spacing": "leading"}}, timeout=30)
+    assert status == 400 and "spacing must be one of" in answer["message"]
     status, answer = server.invoke({"dataframe_records": [RECORDS[0]], "params": {"steps": 0}}, timeout=30)
     assert status == 400 and "steps must be in 1.." in answer["message"]
