@@ -14,8 +14,8 @@ exactly the seed's DDPM ancestral sampler. DDIM's sigma_t(eta) rescaled by 1/sqr
     sigma_down = sqrt(sigma_next^2 - sigma_up^2)
     x_next     = x0_hat + sigma_down * eps_hat + sigma_up * z,   eps_hat = (x - x0_hat) / sigma.
 
-``sample_euler`` is the same first-order ODE step written as k-diffusion's Euler (eta = 0), or
-Euler-ancestral with eta > 0. ``sample_heun`` is EDM's second-order Heun (Karras et al. 2022,
+``sample_euler`` is the same function under k-diffusion's name (the Euler step of the ODE is the
+DDIM move; with eta > 0 it is Euler-ancestral). ``sample_heun`` is EDM's second-order Heun (Karras et al. 2022,
 Algorithm 1 without churn): 2 * steps - 1 network evaluations. ``sample_dpmpp_2m`` is
 DPM-Solver++(2M) (Lu et al. 2022), multistep second order in log-sigma, one evaluation per step;
 ``sample_dpmpp_2m_sde`` its SDE variant (midpoint form, eta = 1 by default).
@@ -89,22 +89,10 @@ def sample_ddpm(denoiser: Callable, x: Tensor, sigmas: Tensor, *, eta: float = 1
     return sample_ancestral(denoiser, x, sigmas, eta=1.0, noise_fn=noise_fn, callback=callback)
 
 
-@torch.no_grad()
-def sample_euler(denoiser: Callable, x: Tensor, sigmas: Tensor, *, eta: float = 0.0,
-                 noise_fn: NoiseFn | None = None, callback: Callable[[StepInfo], None] | None = None) -> Tensor:
-    """Euler on the probability-flow ODE; with eta > 0 Euler-ancestral (the ODE step to sigma_down,
-    then fresh noise up to sigma_next)."""
-    noise_fn = _noise(x, noise_fn)
-    for i, (sigma, sigma_next) in _levels(sigmas):
-        x0 = _d(denoiser, x, sigma)
-        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        d = (x - x0) / sigma
-        x = x + d * (sigma_down - sigma)
-        if sigma_up > 0:
-            x = x + sigma_up * noise_fn()
-        if callback:
-            callback(StepInfo(i, sigma, x, x0))
-    return x
+# Euler on the probability-flow ODE, x += (x - x0)/sigma * (sigma_down - sigma), is algebraically
+# the DDIM move x0 + sigma_down (x - x0)/sigma; with eta > 0 it is Euler-ancestral (the ODE step to
+# sigma_down, then fresh noise up to sigma_next). One function serves both names.
+sample_euler = sample_ancestral
 
 
 @torch.no_grad()
