@@ -93,15 +93,27 @@ def fidelity(images: np.ndarray) -> dict:
     return {"speckle": float(np.mean(speckle)), "grain": float(np.mean(grain))}
 
 
-def fd_judge(judge, generated: np.ndarray, real: np.ndarray) -> dict:
+def real_reference(judge, real: np.ndarray, n: int) -> dict:
+    """What generated sets of ``n`` images are compared with, computed once per real set: the
+    fidelity of ``n`` real images, and (with a judge) its features of every real image and the
+    real-vs-real FD-judge floor at this sample count."""
+    ref = {"n_real": len(real), "fidelity": fidelity(real[:n]), "features": None, "real_floor": None}
+    if judge is not None:
+        ref["features"] = embed(judge, real)
+        if len(real) >= n + 2 and n >= 2:
+            ref["real_floor"] = frechet_distance_features(ref["features"][:n], ref["features"][n:])
+    return ref
+
+
+def fd_judge(judge, generated: np.ndarray, real: np.ndarray, reference: dict | None = None) -> dict:
     """Frechet distance between generated and real images in the judge's feature space, and the
     same distance between two disjoint real sets of the same sizes (the floor a perfect model
-    reaches at this sample count)."""
-    n = len(generated)
-    f_gen, f_real = embed(judge, generated), embed(judge, real)
-    out = {"generated": frechet_distance_features(f_gen, f_real), "n_generated": n, "n_real": len(real)}
-    if len(real) >= n + 2 and n >= 2:
-        out["real_floor"] = frechet_distance_features(f_real[:n], f_real[n:])
+    reaches at this sample count). ``reference``: ``real_reference`` of ``real``, if already made."""
+    ref = reference or real_reference(judge, real, len(generated))
+    out = {"generated": frechet_distance_features(embed(judge, generated), ref["features"]),
+           "n_generated": len(generated), "n_real": ref["n_real"]}
+    if ref["real_floor"] is not None:
+        out["real_floor"] = ref["real_floor"]
     return out
 
 
@@ -109,17 +121,21 @@ def load_images(directory: Path, rows: list[dict]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(directory / r["file"]).convert("RGB")) for r in rows])
 
 
-def score_images(images: np.ndarray, rows: list[dict], judge, info: dict, real: np.ndarray | None) -> dict:
+def score_images(images: np.ndarray, rows: list[dict], judge, info: dict, real: np.ndarray | None,
+                 reference: dict | None = None) -> dict:
     """Adherence (judge), FD-judge and fidelity of generated ``images`` for prompt ``rows``; the
-    part of ``evaluate_samples`` the sweep also runs at every point."""
+    part of ``evaluate_samples`` the sweep also runs at every point (with the same ``reference``,
+    ``real_reference`` of ``real``, made once)."""
     groups = groups_of(rows)
     plain = images[groups["overall"]]
+    if real is not None and reference is None:
+        reference = real_reference(judge, real, len(plain))
     out = {"adherence": None, "fd_judge": None,
-           "fidelity": {"generated": fidelity(plain), "real": fidelity(real[:len(plain)]) if real is not None else None}}
+           "fidelity": {"generated": fidelity(plain), "real": reference["fidelity"] if reference else None}}
     if judge is not None:
         out["adherence"] = score(predict(judge, images), labels_from_metas(rows, info["vocab"]), groups)
         if real is not None:
-            out["fd_judge"] = fd_judge(judge, plain, real)
+            out["fd_judge"] = fd_judge(judge, plain, real, reference)
     return out
 
 

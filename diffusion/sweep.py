@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from diffusion.artifacts import SWEEP_PAGE
 from diffusion.config import SampleConfig, SweepConfig
-from diffusion.evaluate import score_images
+from diffusion.evaluate import real_reference, score_images
 from diffusion.generate import effective_eta, encode_prompts, generate
+from diffusion.judge import groups_of
 from diffusion.samplers import network_evals
 
 COLUMNS = ("sampler", "spacing", "steps", "evals", "guidance_scale", "eta", "seconds_per_image",
@@ -47,12 +48,13 @@ def run_points(settings: list[SampleConfig], denoiser, encoder, image_size: int,
                judge, info: dict, real: np.ndarray | None, progress: bool = True, log=None) -> list[dict]:
     """Generate ``rows`` at each setting, time it and score it. Returns one record per setting."""
     cond, uncond = encode_prompts(encoder, [r["prompt"] for r in rows])
+    reference = real_reference(judge, real, int(groups_of(rows)["overall"].sum())) if real is not None else None
     records = []
     for s in tqdm(settings, desc="sweep", unit="point", disable=not progress):
         t0 = time.perf_counter()
         images = generate(denoiser, cond, uncond, seeds, image_size, s)
         seconds = (time.perf_counter() - t0) / len(rows)
-        scores = score_images(images, rows, judge, info, real)
+        scores = score_images(images, rows, judge, info, real, reference)
         adh, fd = scores["adherence"] or {}, scores["fd_judge"] or {}
         rec = {"sampler": s.sampler, "spacing": s.spacing, "steps": s.steps, "evals": network_evals(s.sampler, s.steps),
                "guidance_scale": s.guidance_scale, "eta": effective_eta(s), "seconds_per_image": seconds,
