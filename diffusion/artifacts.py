@@ -274,6 +274,8 @@ BUNDLE_TEXT_SPEC = "text_encoder.json"
 BUNDLE_SAMPLER = "sampler.json"
 BUNDLE_EVAL = "evaluation.json"  # the evaluation fingerprint and metrics the version was registered with
 # MLflow artifact name -> file or folder in the bundle
+# the sampler settings a model is registered with (SampleConfig keys)
+BUNDLE_SAMPLER_KEYS = (*SAMPLER_KEYS, "batch_size")
 BUNDLE = {"denoiser": BUNDLE_DENOISER, "text_encoder": BUNDLE_TEXT_WEIGHTS, "text_encoder_spec": BUNDLE_TEXT_SPEC,
           "sampler": BUNDLE_SAMPLER, "evaluation": BUNDLE_EVAL}
 
@@ -293,7 +295,7 @@ def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, eva
               str(dest / BUNDLE_TEXT_WEIGHTS))
     write_json(dest / BUNDLE_TEXT_SPEC, {"model": encoder.fingerprint["model"], "layer": encoder.layer,
                                          "fingerprint": encoder.fingerprint})
-    write_json(dest / BUNDLE_SAMPLER, {k: getattr(settings, k) for k in (*SAMPLER_KEYS, "batch_size")})
+    write_json(dest / BUNDLE_SAMPLER, {k: getattr(settings, k) for k in BUNDLE_SAMPLER_KEYS})
     write_json(dest / BUNDLE_EVAL, evaluation)
     return {name: str(dest / f) for name, f in BUNDLE.items()}
 
@@ -308,7 +310,7 @@ def load_bundle(artifacts: dict[str, str], device="cpu"):
                                 device=str(device), fingerprint=spec["fingerprint"])
     denoiser, meta = load_model(artifacts["denoiser"], device)
     saved = json.loads(Path(artifacts["sampler"]).read_text())
-    settings = SampleConfig(**{k: v for k, v in saved.items() if k in (*SAMPLER_KEYS, "batch_size")})
+    settings = SampleConfig(**{k: v for k, v in saved.items() if k in BUNDLE_SAMPLER_KEYS})
     return denoiser, meta, encoder, settings
 
 

@@ -20,21 +20,15 @@ from diffusion.errors import T2IError
 from diffusion.model import Cond
 from diffusion.precond import Denoiser, GuidedDenoiser
 from diffusion.config import SampleConfig
-from diffusion.samplers import clamped, initial_noise, per_image_noise, sampler_fn
+from diffusion.samplers import clamped, initial_noise, per_image_noise, sampler_eta, sampler_fn
 from diffusion.schedules import sampling_sigmas
 from diffusion.text import EmbeddingTable, TextEncoder, embed_captions, fingerprint_id
 
 
 def effective_eta(cfg: SampleConfig) -> float:
-    """The noise amount a sampler really uses: ddpm is always 1; ``sample.eta`` null means the
-    sampler's own default (dpmpp_2m_sde 1, the others 0); heun and dpmpp_2m are deterministic."""
-    if cfg.sampler == "ddpm":
-        return 1.0
-    if cfg.sampler in ("heun", "dpmpp_2m"):
-        return 0.0
-    if cfg.eta is not None:
-        return float(cfg.eta)
-    return 1.0 if cfg.sampler == "dpmpp_2m_sde" else 0.0
+    """The noise amount ``cfg``'s sampler really uses: ddpm is always 1; ``sample.eta`` null means
+    the sampler's own default (dpmpp_2m_sde 1, the others 0); heun and dpmpp_2m are deterministic."""
+    return sampler_eta(cfg.sampler, cfg.eta)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

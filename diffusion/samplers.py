@@ -170,14 +170,15 @@ def sample_dpmpp_2m_sde(denoiser: Callable, x: Tensor, sigmas: Tensor, *, eta: f
 
 SamplerFn = Callable[..., Tensor]
 
-# name -> (function, network evaluations for n levels (steps), stochastic)
-SAMPLERS: dict[str, tuple[SamplerFn, Callable[[int], int], bool]] = {
-    "ddim": (sample_ancestral, lambda n: n, False),
-    "ddpm": (sample_ddpm, lambda n: n, True),
-    "euler": (sample_euler, lambda n: n, False),
-    "heun": (sample_heun, lambda n: 2 * n - 1, False),
-    "dpmpp_2m": (sample_dpmpp_2m, lambda n: n, False),
-    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, lambda n: n, True),
+# name -> (function, network evaluations for n levels (steps), default eta, whether eta is settable):
+# ddpm is always eta 1; heun and dpmpp_2m are deterministic and ignore it
+SAMPLERS: dict[str, tuple[SamplerFn, Callable[[int], int], float, bool]] = {
+    "ddim": (sample_ancestral, lambda n: n, 0.0, True),
+    "ddpm": (sample_ddpm, lambda n: n, 1.0, False),
+    "euler": (sample_euler, lambda n: n, 0.0, True),
+    "heun": (sample_heun, lambda n: 2 * n - 1, 0.0, False),
+    "dpmpp_2m": (sample_dpmpp_2m, lambda n: n, 0.0, False),
+    "dpmpp_2m_sde": (sample_dpmpp_2m_sde, lambda n: n, 1.0, True),
 }
 
 
@@ -186,6 +187,12 @@ def sampler_fn(name: str) -> SamplerFn:
         return SAMPLERS[name][0]
     except KeyError:
         raise ValueError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})") from None
+
+
+def sampler_eta(name: str, eta: float | None) -> float:
+    """The noise amount sampler ``name`` really uses for a requested ``eta`` (None: its default)."""
+    _, _, default, settable = SAMPLERS[name]
+    return float(eta) if settable and eta is not None else default
 
 
 def network_evals(name: str, steps: int) -> int:

@@ -172,6 +172,7 @@ def sweep(p: Params, shards_dir: str | Path, model_dir: str | Path, judge_dir: s
 
     from diffusion import tracking
     from diffusion.judge import load_judge
+    from diffusion.report import recommend
     from diffusion.sample import eval_rows
     from diffusion.sweep import run_points, sweep_settings, write_sweep
     from diffusion.text import pick_device
@@ -203,8 +204,6 @@ def sweep(p: Params, shards_dir: str | Path, model_dir: str | Path, judge_dir: s
                     if r[key] == r[key]:
                         mlflow.log_metric(f"sweep.guidance.{key}", r[key], step=int(round(r["guidance_scale"] * 10)))
             mlflow.log_artifacts(str(out_dir), "sweep")
-    from diffusion.report import recommend
-
     return {"points": len(point_records), "guidance": len(guidance_records), "page": str(page),
             "recommended": recommend(point_records)}
 
