@@ -125,18 +125,41 @@ class TextEncoder:
 
         L is the longest caption's token count (start + words + end); the causal text
         transformer makes states up to a caption's end token independent of the padding after it.
+        With ``layer == "token_embedding"`` the tokens are the tower's word vectors (after
+        ln_final), each word's the same wherever it stands, and pooled is their mean over the caption.
         """
         ids = self.tokenizer(captions).to(self.device)  # (N, context_length)
         lengths = ids.argmax(dim=-1) + 1  # end-of-text has the largest id in CLIP's vocabulary
+        length = int(lengths.max())
+        mask = torch.arange(length, device=ids.device)[None] < lengths[:, None]
+        if self.layer == "token_embedding":
+            tokens = self.model.ln_final(self.model.token_embedding(ids[:, :length]))
+            pooled = (tokens * mask[..., None]).sum(1) / lengths[:, None]
+            return tokens.float(), mask, pooled.float()
         n_layers = len(self.model.transformer.resblocks)
         index = n_layers - 1 if self.layer == "last" else n_layers - 2
-        out = self.model.forward_intermediates(
-            ids, indices=[index], normalize_intermediates=True, output_fmt="NLC"
-        )
-        tokens = out["text_intermediates"][0]
-        length = int(lengths.max())
-        mask = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
-        return tokens[:, :length].float(), mask[:, :length], out["text_features"].float()
+        tokens, pooled = _forward(self.model, ids, index, length)
+        return tokens[:, :length].float(), mask, pooled.float()
+
+
+def _forward(tower, ids: torch.Tensor, index: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ``index``'s states (after ln_final) and the pooled features of ``ids``, running the
+    causal transformer on the first ``length`` positions only: states up to a caption's end token
+    do not depend on what follows, so this is the full-context result at a fraction of the cost
+    (short captions in a 77-token context). Towers with a padding mask or a class token take
+    open_clip's own full-length path."""
+    if tower.cls_emb is not None or getattr(tower, "use_pad_mask", False) or tower.attn_mask is None:
+        out = tower.forward_intermediates(ids, indices=[index], normalize_intermediates=True, output_fmt="NLC")
+        return out["text_intermediates"][0], out["text_features"]
+    ids = ids[:, :length]
+    x = tower.token_embedding(ids) + tower.positional_embedding[:length]
+    x, inter = tower.transformer.forward_intermediates(x, attn_mask=tower.attn_mask[:length, :length],
+                                                       indices=[index])
+    pooled = tower.ln_final(x)[torch.arange(len(ids), device=ids.device), ids.argmax(dim=-1)]
+    if tower.text_projection is not None:
+        pooled = tower.text_projection(pooled) if isinstance(tower.text_projection, torch.nn.Linear) \
+            else pooled @ tower.text_projection
+    return tower.ln_final(inter[0]), pooled
 
 
 def pick_device(device: str) -> torch.device:
@@ -147,14 +170,29 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_text_encoder(model: str, pretrained: str | None = None, seed: int = 0, layer: str = "last",
+def resolve_layer(layer: str, pretrained: str | None) -> str:
+    """``auto``: the last layer of pretrained weights, the word vectors of a random tower.
+
+    A randomly initialised transformer knows nothing about language: its blocks only mix each
+    word's vector with the words before it in a random way, so the same word looks different in
+    every sentence frame and a denoiser trained on some frames misreads others. Its word vectors
+    (``token_embedding``) are the same wherever a word stands. Trained weights make the last
+    layer's states carry meaning in context, which is what a pretrained tower is for."""
+    if layer == "auto":
+        return "token_embedding" if pretrained is None else "last"
+    return layer
+
+
+def load_text_encoder(model: str, pretrained: str | None = None, seed: int = 0, layer: str = "auto",
                       device: str = "cpu", fingerprint: dict | None = None) -> TextEncoder:
     """The text tower of ``model`` (an open_clip architecture name).
 
     ``pretrained``: None for the seeded random initialisation, an open_clip tag, or a weights file
-    (a full CLIP checkpoint or a saved text tower). ``fingerprint`` keeps the identity of an encoder
-    whose weights were saved and are now reloaded from a file (the registered MLflow model).
+    (a full CLIP checkpoint or a saved text tower). ``layer``: which states condition the model
+    (``resolve_layer``). ``fingerprint`` keeps the identity of an encoder whose weights were saved
+    and are now reloaded from a file (the registered MLflow model).
     """
+    layer = resolve_layer(layer, pretrained)
     import open_clip
     from open_clip.model import _build_text_tower
 
@@ -243,7 +281,8 @@ class EmbeddingTable:
 def embed_captions(encoder: TextEncoder, captions: Iterable[str], batch_size: int = 256,
                    progress: bool = True) -> EmbeddingTable:
     """Encode each unique caption once (plus the empty caption as row 0)."""
-    unique = [EMPTY_CAPTION] + sorted(set(captions) - {EMPTY_CAPTION})
+    # by length, so a batch runs the transformer on about as many positions as its captions have
+    unique = [EMPTY_CAPTION] + sorted(set(captions) - {EMPTY_CAPTION}, key=lambda c: (len(c), c))
     toks, masks, pooled = [], [], []
     for i in tqdm(range(0, len(unique), batch_size), desc="embed", unit="batch", mininterval=1.0,
                   disable=not progress):

@@ -74,9 +74,40 @@ def test_table_holds_unique_captions_once_plus_empty_row(text_encoder, tmp_path)
     assert {"model", "weights", "layer", "context_length", "dtype", "open_clip"} <= set(fp)
 
 
-def test_layer_choice_changes_tokens_and_fingerprint(text_encoder):
-    pen = load_text_encoder(MODEL, layer="penultimate")
-    a, b = text_encoder.encode(["a red circle"]), pen.encode(["a red circle"])
+def test_layer_choice_changes_tokens_and_fingerprint():
+    last, pen = load_text_encoder(MODEL, layer="last"), load_text_encoder(MODEL, layer="penultimate")
+    a, b = last.encode(["a red circle"]), pen.encode(["a red circle"])
     assert not torch.allclose(a[0], b[0])
     torch.testing.assert_close(a[2], b[2])  # pooled output does not depend on the token layer
-    assert fingerprint_id(text_encoder.fingerprint) != fingerprint_id(pen.fingerprint)
+    assert fingerprint_id(last.fingerprint) != fingerprint_id(pen.fingerprint)
+
+
+def test_word_vectors_are_the_same_in_every_sentence_and_auto_picks_them_for_a_random_tower(tmp_path):
+    words = load_text_encoder(MODEL, layer="token_embedding")
+    assert load_text_encoder(MODEL).layer == "token_embedding"  # auto, random weights
+    tokens, mask, pooled = words.encode(["a red circle", "on the left there is a big red circle"])
+    red = [tokens[0, 2], tokens[1, 8]]  # "red" in both (start token first)
+    torch.testing.assert_close(red[0], red[1])
+    torch.testing.assert_close(pooled[0], tokens[0, :5].mean(0))  # the mean over start, words and end
+    last = load_text_encoder(MODEL, layer="last").encode(["a red circle", "on the left there is a big red circle"])[0]
+    assert not torch.allclose(last[0, 2], last[1, 8], atol=1e-2)  # the blocks mix in the words before
+    path = tmp_path / "clip.pt"
+    torch.save(load_text_encoder(MODEL).model.state_dict(), path)
+    assert load_text_encoder(MODEL, pretrained=str(path)).layer == "last"  # auto, given weights
+
+
+def test_encoding_only_the_caption_positions_equals_the_full_context():
+    """encode runs the causal tower on as many positions as the longest caption has; every state
+    it keeps, and the pooled vector, equal open_clip's full 77-position pass."""
+    captions = ["a", "a large red circle on the left side of a very plain picture", ""]
+    for layer, back in (("last", 1), ("penultimate", 2)):
+        enc = load_text_encoder(MODEL, layer=layer)
+        tokens, mask, pooled = enc.encode(captions)
+        ids = enc.tokenizer(captions)
+        with torch.no_grad():
+            full = enc.model.forward_intermediates(ids, indices=[len(enc.model.transformer.resblocks) - back],
+                                                   normalize_intermediates=True, output_fmt="NLC")
+        assert tokens.shape[1] == int(mask.sum(1).max()) < ids.shape[1]
+        kept = full["text_intermediates"][0][:, : tokens.shape[1]]
+        torch.testing.assert_close(tokens[mask], kept[mask], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pooled, full["text_features"], rtol=1e-5, atol=1e-5)
