@@ -55,6 +55,11 @@ class DatasetConfig:
         default_factory=lambda: {"left": 0.32, "center": 0.5, "right": 0.68}
     )
     jitter: float = 0.03  # uniform +- jitter of the centre (fraction of the side), both axes
+    # each training caption leaves an attribute out with this probability (diffusion.captions);
+    # the model then learns to choose it itself, as for a user's prompt that does not say
+    caption_omit: dict[str, float] = field(
+        default_factory=lambda: {"shape": 0.1, "color": 0.1, "size": 0.1, "position": 0.1}
+    )
     # attribute combinations that never appear in the training split (only in val / evaluation)
     holdout: list[dict[str, str]] = field(
         default_factory=lambda: [
@@ -113,7 +118,10 @@ class EmbedConfig:
     model: str = "ViT-S-32-alt"  # any open_clip architecture with a CLIP text transformer
     pretrained: Optional[str] = None  # null: seeded random init; a tag (laion2b_s34b_b79k) or a file
     seed: int = 0  # seed of the random initialisation when pretrained is null
-    layer: str = "last"  # per-token states: "last" or "penultimate" (both after ln_final)
+    # per-token states: "last" or "penultimate" block (after ln_final), or "token_embedding" (each
+    # word's vector, the same in any sentence; pooled = their mean); auto: token_embedding for the
+    # random tower, last for pretrained weights (diffusion.text.resolve_layer)
+    layer: str = "auto"
     batch_size: int = 256
     device: str = "auto"
 
@@ -183,7 +191,8 @@ class SampleConfig:
     guidance_interval: Optional[list[float]] = None
     clip_denoised: bool = True  # clamp x0_hat to the data range [-1, 1] at every evaluation
     per_combo: int = 4  # evaluation images per attribute combination (built-in set)
-    paraphrase_per_combo: int = 1  # built-in set: images per combination in new wording (shapes.PARAPHRASES)
+    new_wording_per_combo: int = 2  # built-in set: images per combination in held-out wording (captions.HELD_OUT)
+    partial_per_combo: int = 1  # built-in set: images per combination from prompts naming only some attributes
     n_prompts: int = 256  # other sources: this many validation captions
     seed: int = 0
     batch_size: int = 256
@@ -302,7 +311,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ingest.resize_mode": ("center_crop", "pad", "keep_ratio"),
     "ingest.caption_errors": ("replace", "reject"),
     "ingest.task_runner": ("threads", "processes"),
-    "embed.layer": ("last", "penultimate"),
+    "embed.layer": ("auto", "last", "penultimate", "token_embedding"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.prediction": ("eps", "v"),
     "train.loss_weighting": ("none", "min_snr"),
@@ -454,6 +463,11 @@ def _validate(p: Params) -> None:
                 raise ConfigError(f"dataset.holdout[{i}]: unknown attribute {k!r} ({', '.join(attrs)})")
             if v not in attrs[k]:
                 raise ConfigError(f"dataset.holdout[{i}]: {k} {v!r} is not one of {sorted(attrs[k])}")
+    for k, v in d.caption_omit.items():
+        if k not in attrs:
+            raise ConfigError(f"dataset.caption_omit: unknown attribute {k!r} ({', '.join(attrs)})")
+        if not 0 <= v < 1:
+            raise ConfigError(f"dataset.caption_omit.{k} must be in [0, 1), got {v}")
     combos = itertools.product(d.shapes, d.colors, d.sizes, d.positions)
     names = ("shape", "color", "size", "position")
     if all(any(all(dict(zip(names, c))[k] == v for k, v in h.items()) for h in d.holdout) for c in combos):

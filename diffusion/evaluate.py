@@ -2,15 +2,17 @@
 
 Metrics (``evaluate_samples``; reports/metrics.json)::
 
-    adherence.{overall,seen,held_out,paraphrased}.{shape,color,size,position,all,n}   the judge on generated images
+    adherence.<group>.{shape,color,size,position,all,n}  the judge on generated images (groups: judge.GROUPS)
     judge.{overall,seen,held_out}.{...}                the judge on real validation images (how far to trust it)
     fd_judge.{generated,real_floor,n_generated,n_real} Frechet distance in the judge's feature space
     fidelity.{generated,real}.{speckle,grain}          pixel noise where the data is flat (see ``fidelity``)
     image.{fid,kid.mean,kid.std,clip_score}            standard metrics, each where its weights are present
     fingerprint.{prompts,judge,sampling,id}            what they were measured on
 
-"all" is the fraction of images with every attribute right. ``overall``/``seen``/``held_out`` use
-the training wording; ``paraphrased`` is new wording no training caption uses. FD-judge, fidelity
+"all" is the fraction of images with every attribute the prompt names right. ``overall``/``seen``/
+``held_out`` use the training wording; ``new_wording``/``new_wording_held_out`` use frames and
+phrasings no training caption uses (``captions.HELD_OUT``); ``partial`` prompts name only some
+attributes and are scored on those. FD-judge, fidelity
 and the image metrics use the training-wording images and real validation images. Two models'
 numbers are comparable only when their ``fingerprint.id`` is the same (the promotion policy
 refuses otherwise).

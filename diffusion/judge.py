@@ -54,7 +54,8 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
 
 def labels_from_metas(metas: list[dict], vocab: dict[str, list[str]]) -> dict[str, np.ndarray]:
-    return {a: np.array([vocab[a].index(m[a]) for m in metas]) for a in vocab}
+    """Class indices per attribute; -1 where a prompt does not name the attribute (``""``)."""
+    return {a: np.array([vocab[a].index(m[a]) if m[a] else -1 for m in metas], dtype=np.int64) for a in vocab}
 
 
 def train_judge(cfg: JudgeConfig, images: np.ndarray, labels: dict[str, np.ndarray],
@@ -104,25 +105,42 @@ def embed(model: JudgeNet, images: np.ndarray, batch_size: int = 1024) -> np.nda
     return np.concatenate(parts) if parts else np.zeros((0, model.heads[next(iter(model.heads))].in_features))
 
 
+GROUPS = {
+    "overall": "training wording, every combination",
+    "seen": "training wording, combinations trained on",
+    "held_out": "training wording, combinations never trained on",
+    "new_wording": "held-out wording (frames and phrasings no training caption uses), combinations trained on",
+    "new_wording_held_out": "held-out wording on combinations never trained on",
+    "partial": "prompts naming only some attributes, scored on those",
+}
+
+
 def groups_of(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Evaluation groups of prompt rows: ``overall``/``seen``/``held_out`` over the training
-    wording, and ``paraphrased`` (new wording, every combination) where there is any."""
+    """Evaluation groups of prompt rows (``GROUPS``): a prompt that leaves an attribute out
+    (``""``) is ``partial``; the others split by wording (``train`` or ``new``, the held-out
+    lexicon) and by whether the combination was held out. Groups without rows are left out,
+    except the three of the training wording."""
     held = np.array([bool(r.get("held_out", False)) for r in rows], bool)
-    para = np.array([r.get("wording", "train") == "paraphrase" for r in rows], bool)
-    groups = {"overall": ~para, "seen": ~para & ~held, "held_out": ~para & held}
-    if para.any():
-        groups["paraphrased"] = para
-    return groups
+    new = np.array([r.get("wording", "train") == "new" for r in rows], bool)
+    partial = np.array([any(r.get(a, "x") == "" for a in ("shape", "color", "size", "position")) for r in rows], bool)
+    full = ~partial
+    groups = {"overall": full & ~new, "seen": full & ~new & ~held, "held_out": full & ~new & held,
+              "new_wording": full & new & ~held, "new_wording_held_out": full & new & held, "partial": partial}
+    return {k: v for k, v in groups.items() if k in ("overall", "seen", "held_out") or v.any()}
 
 
 def score(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], groups: dict[str, np.ndarray]) -> dict:
-    """Per-attribute and all-correct accuracy for each group (a boolean mask over the rows)."""
+    """Per-attribute and all-correct accuracy for each group (a boolean mask over the rows). A
+    truth of -1 (the prompt does not name the attribute) is not scored: the attribute's accuracy
+    counts only rows that name it, and "all" means every *named* attribute is right."""
+    named = {a: truth[a] >= 0 for a in truth}
     correct = {a: pred[a] == truth[a] for a in truth}
-    every = np.logical_and.reduce(list(correct.values()))
+    every = np.logical_and.reduce([correct[a] | ~named[a] for a in truth])
 
     def acc(mask: np.ndarray) -> dict:
         n = int(mask.sum())
-        res = {a: float(c[mask].mean()) if n else float("nan") for a, c in correct.items()}
+        res = {a: float(c[mask & named[a]].mean()) if (mask & named[a]).any() else float("nan")
+               for a, c in correct.items()}
         res["all"] = float(every[mask].mean()) if n else float("nan")
         res["n"] = n
         return res

@@ -52,8 +52,9 @@ def evaluation_page(metrics: dict, page: str | Path, grid: str | Path | None = N
         if judge:
             lines += ["", "The judge itself on real validation images (all-correct): "
                       + ", ".join(f"{g} {_pct(sc.get('all'))}" for g, sc in judge.items()) + "."]
-        lines += ["", "*overall/seen/held_out*: the training captions' wording; *held_out*: attribute combinations "
-                  "never trained on; *paraphrased*: new wording no training caption uses.", ""]
+        from diffusion.judge import GROUPS
+
+        lines += [""] + [f"- *{g}*: {GROUPS[g]}" for g in adherence if g in GROUPS] + [""]
     elif metrics.get("note"):
         lines += [f"Adherence: not applicable ({metrics['note']}).", ""]
     lines += ["## Fidelity", "", "| measure | generated | real | what it means |", "|---|---|---|---|"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+
+import numpy as np
 from pathlib import Path
 
 from diffusion.artifacts import GRID, IMAGES, MANIFEST, write_manifest
@@ -14,10 +16,11 @@ from diffusion.text import TextEncoder
 
 
 def eval_rows(dataset: DatasetConfig | None, cfg: SampleConfig, val_captions: list[str]) -> list[dict]:
-    """The prompts to sample: with the built-in set, every attribute combination ``per_combo``
-    times (with their attributes, for the judge); otherwise ``n_prompts`` validation captions."""
+    """The prompts to sample: with the built-in set, ``shapes.eval_prompts`` (every attribute
+    combination in training and held-out wording, and prompts naming only some attributes, with
+    their attributes for the judge); otherwise ``n_prompts`` validation captions."""
     if dataset is not None:
-        return eval_prompts(dataset, cfg.per_combo, cfg.paraphrase_per_combo)
+        return eval_prompts(dataset, cfg.per_combo, cfg.new_wording_per_combo, cfg.partial_per_combo)
     unique = list(dict.fromkeys(c for c in val_captions if c))
     return [{"prompt": c} for c in unique[: cfg.n_prompts]]
 
@@ -42,6 +45,24 @@ def sample_eval_set(denoiser: Denoiser, meta: dict, encoder: TextEncoder, rows: 
                    guidance_interval=str(cfg.guidance_interval))
         save_png(img, out / row["file"])
     write_manifest(rows, out / MANIFEST)
-    pick = list(range(0, len(rows), max(1, len(rows) // cfg.grid_size)))[: cfg.grid_size]
+    pick = grid_rows(rows, cfg.grid_size)
     make_grid(images[pick], [prompts[i] for i in pick]).save(out / GRID)
     return out
+
+
+def grid_rows(rows: list[dict], size: int) -> list[int]:
+    """``size`` row indices for the sample grid, spread evenly over each evaluation group in turn
+    (training wording, held-out wording, partial prompts; ``judge.groups_of``) so the grid shows
+    examples of every group."""
+    from diffusion.judge import groups_of
+
+    groups = [np.flatnonzero(m) for name, m in groups_of(rows).items() if name not in ("overall",)] \
+        if rows and "wording" in rows[0] else [np.arange(len(rows))]
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return []
+    pick: list[int] = []
+    for i, g in enumerate(groups):
+        share = size // len(groups) + (i < size % len(groups))
+        pick += [int(g[j]) for j in np.linspace(0, len(g) - 1, min(share, len(g))).round().astype(int)]
+    return sorted(set(pick))[:size]

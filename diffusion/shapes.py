@@ -4,7 +4,8 @@ Every image has four attributes (shape, colour, size, position) drawn from the l
 ``DatasetConfig``. Sample ``i`` of a split is a pure function of ``(seed, split, i)``, so the dataset
 is identical on every machine and any slice can be regenerated on its own. Combinations listed in
 ``holdout`` never appear in the training split; the validation split draws from all combinations,
-so evaluation can report seen and held-out combinations separately.
+so evaluation can report seen and held-out combinations separately. Captions come from the
+grammar in ``diffusion.captions`` (many wordings, attributes sometimes left out).
 
 Shapes are drawn at ``image_size * supersample`` and area-downsampled, which gives clean
 anti-aliased edges even at 16 px.
@@ -19,29 +20,14 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from diffusion.captions import ATTRIBUTES, LEXICONS, describe, training_caption
 from diffusion.config import DatasetConfig
 
-ATTRIBUTES = ("shape", "color", "size", "position")
 # "judge": images for training the evaluation judge, drawn from every combination
 SPLITS = {"train": 0, "val": 1, "judge": 2}
 
-TEMPLATES = (
-    "a {size} {color} {shape} {where}",
-    "{size} {color} {shape}, {where}",
-    "a picture of a {size} {color} {shape} {where}",
-    "{where}: a {color} {shape}, {size}",
-    "there is a {size} {color} {shape} {where}",
-)
-
-# New wording for evaluation only (the "paraphrased" group): the same attributes in sentence
-# patterns and word orders that no training caption uses, to show what the text conditioning
-# generalises to. Never used to make training captions.
-PARAPHRASES = (
-    "{color} {shape} ({size}) placed {where}",
-    "{where} there is a {shape} that is {color} and {size}",
-    "one {shape}, coloured {color}, {size}, {where}",
-    "an image showing a {color} {shape} of {size} size {where}",
-)
+# seed offsets of the evaluation prompt sets (sample i of a split uses [seed, split, i])
+_PROMPT_STREAMS = {"train": 100, "new": 101, "partial": 102}
 
 
 @dataclass(frozen=True)
@@ -51,15 +37,6 @@ class ShapeSample:
     caption: str
     attrs: dict[str, str]
     meta: dict
-
-
-def where_phrase(position: str) -> str:
-    return {"center": "in the center", "middle": "in the middle"}.get(position, f"on the {position}")
-
-
-def caption_for(attrs: dict[str, str], template: int, templates: tuple[str, ...] = TEMPLATES) -> str:
-    t = templates[template % len(templates)]
-    return t.format(where=where_phrase(attrs["position"]), **attrs)
 
 
 def all_combos(cfg: DatasetConfig) -> list[dict[str, str]]:
@@ -126,18 +103,20 @@ def make_sample(cfg: DatasetConfig, split: str, index: int) -> ShapeSample:
     rng = np.random.default_rng([cfg.seed, SPLITS[split], index])
     combos = split_combos(cfg, split)
     attrs = combos[int(rng.integers(len(combos)))]
-    template = int(rng.integers(len(TEMPLATES)))
     image, geometry = render(cfg, attrs, rng)
+    # the caption has its own random stream: changing the grammar never moves a picture
+    caption, named = training_caption(attrs, np.random.default_rng([cfg.seed, SPLITS[split], index, 1]),
+                                      cfg.caption_omit)
     meta = {
         "source": "builtin",
         "split": split,
         "index": index,
         **attrs,
-        "template": template,
+        "named": ",".join(named),
         "held_out": is_held_out(attrs, cfg.holdout),
         **geometry,
     }
-    return ShapeSample(f"{split}-{index:08d}", image, caption_for(attrs, template), dict(attrs), meta)
+    return ShapeSample(f"{split}-{index:08d}", image, caption, dict(attrs), meta)
 
 
 def generate(cfg: DatasetConfig, split: str) -> Iterator[ShapeSample]:
@@ -146,18 +125,32 @@ def generate(cfg: DatasetConfig, split: str) -> Iterator[ShapeSample]:
         yield make_sample(cfg, split, i)
 
 
-def eval_prompts(cfg: DatasetConfig, per_combo: int, paraphrase_per_combo: int = 0) -> list[dict]:
-    """The evaluation prompt set: every combination ``per_combo`` times in the training wording
-    (templates cycled), then every combination ``paraphrase_per_combo`` times in new wording
-    (``PARAPHRASES``, cycled).
+def eval_prompts(cfg: DatasetConfig, per_combo: int, new_wording_per_combo: int = 0,
+                 partial_per_combo: int = 0) -> list[dict]:
+    """The evaluation prompt set, each row a dict with the prompt, its attributes, whether the
+    combination was held out and the wording (``captions.LEXICONS``):
 
-    Returns dicts with the prompt, its attributes, whether the combination was held out, and the
-    wording ("train" or "paraphrase").
+    - every combination ``per_combo`` times in the training wording, every attribute named;
+    - every combination ``new_wording_per_combo`` times in held-out wording (``captions.HELD_OUT``:
+      frames and phrasings no training caption uses), every attribute named;
+    - every combination ``partial_per_combo`` times in the training wording naming only some of its
+      attributes (one to three); an attribute the prompt does not name is ``""`` in the row, and
+      the judge does not score it.
+
+    Each prompt is a pure function of (dataset seed, set, combination, k).
     """
     rows = []
-    for wording, templates, n in (("train", TEMPLATES, per_combo), ("paraphrase", PARAPHRASES, paraphrase_per_combo)):
+    sets = (("train", per_combo, False), ("new", new_wording_per_combo, False), ("partial", partial_per_combo, True))
+    for wording, n, partial in sets:
+        lexicon = LEXICONS["train" if partial else wording]
         for c_idx, attrs in enumerate(all_combos(cfg)):
             for k in range(n):
-                rows.append({"prompt": caption_for(attrs, c_idx + k, templates), **attrs,
-                             "held_out": is_held_out(attrs, cfg.holdout), "wording": wording})
+                rng = np.random.default_rng([cfg.seed, _PROMPT_STREAMS[wording], c_idx, k])
+                named = ATTRIBUTES
+                if partial:
+                    pick = rng.permutation(len(ATTRIBUTES))[: int(rng.integers(1, len(ATTRIBUTES)))]
+                    named = tuple(a for i, a in enumerate(ATTRIBUTES) if i in pick)
+                said = {a: (v if a in named else "") for a, v in attrs.items()}
+                rows.append({"prompt": describe(attrs, rng, lexicon, named), **said,
+                             "held_out": is_held_out(said, cfg.holdout), "wording": "train" if partial else wording})
     return rows

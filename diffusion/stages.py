@@ -85,7 +85,7 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
         mlflow.log_params({f"train.{k}": v for k, v in flatten(to_dict(p.train)).items()})
         mlflow.log_params({"image_size": image_size, "source": p.ingest.source,
                            "embed.model": p.embed.model, "embed.pretrained": str(p.embed.pretrained),
-                           "embed.layer": p.embed.layer})
+                           "embed.layer": table.fingerprint["layer"]})
         mlflow.set_tags({"text_fingerprint": table.fingerprint["weights"], "stage": "train"})
         logger = tracking.MlflowLogger()
         train_loop(p.train, urls, table, out, image_size=image_size, logger=logger, grid_fn=grid_fn,
@@ -183,7 +183,7 @@ def sweep(p: Params, shards_dir: str | Path, model_dir: str | Path, judge_dir: s
     builtin = p.ingest.source == "builtin"
     w = p.sweep
     rows = eval_rows(p.dataset if builtin else None,
-                     replace(p.sample, per_combo=w.per_combo, paraphrase_per_combo=0, n_prompts=w.n_prompts),
+                     replace(p.sample, per_combo=w.per_combo, new_wording_per_combo=0, partial_per_combo=0, n_prompts=w.n_prompts),
                      [] if builtin else art.split_captions(shards_dir, "val"))
     seeds = [w.seed + i for i in range(len(rows))]
     real = art.val_images(shards_dir, p.evaluate.real_images)

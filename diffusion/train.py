@@ -248,6 +248,7 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     empty = table.empty_row
     tokens, mask, pooled = table.tokens.to(device), table.mask.to(device), table.pooled.to(device)
+    lengths = mask.sum(1)
 
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".tmp")
@@ -266,7 +267,8 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
         x0, rows, position = batch.x0, batch.rows, batch.position
         drop = torch.rand(rows.shape, generator=gen) < cfg.cond_dropout  # classifier-free guidance
         rows = torch.where(drop, torch.full_like(rows, empty), rows).to(device)
-        cond = Cond(tokens[rows].float(), mask[rows], pooled[rows].float())
+        length = int(lengths[rows].max())  # attend to the batch's longest caption, not the table's
+        cond = Cond(tokens[rows, :length].float(), mask[rows, :length], pooled[rows].float())
         x0 = x0.to(device, non_blocking=True)
         with autocast:
             loss = diffusion_loss(model, x0, cond, weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma,

@@ -23,7 +23,8 @@ TINY = {
     "judge": {"n_images": 600, "steps": 40, "batch_size": 64},
     "train": {"steps": 12, "batch_size": 16, "warmup_steps": 4, "checkpoint_every": 6, "log_every": 4,
               "shuffle_buffer": 50, "unet": {"channels": 16, "channel_mult": [1, 2], "attn_levels": [1], "heads": 2}},
-    "sample": {"steps": 4, "per_combo": 1, "batch_size": 64, "grid_size": 6},
+    "sample": {"steps": 4, "per_combo": 1, "new_wording_per_combo": 1, "partial_per_combo": 0, "batch_size": 64,
+               "grid_size": 6},
     "promote": {"floor": 0.0},  # a 12-step model draws few right pictures: let its first version be champion
     "evaluate": {"real_images": 60},
     "sweep": {"steps": [2, 4], "reference_steps": 10, "guidance_scales": [1.0, 4.0]},

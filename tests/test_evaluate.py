@@ -1,4 +1,4 @@
-"""Evaluation beyond adherence: the fidelity measures, FD-judge, the paraphrased group, the
+"""Evaluation beyond adherence: the fidelity measures, FD-judge, the new-wording and partial groups, the
 evaluation page and the quality-vs-cost sweep, on real shards, a real (tiny) judge and model."""
 
 import json
@@ -63,15 +63,17 @@ def test_evaluate_stage_reports_groups_fidelity_and_skips_with_reasons(tiny_para
                                                                          monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights: FID/KID skipped
     monkeypatch.setenv("T2I_WEIGHTS_DIR", str(tmp_path / "none"))
-    p = replace(tiny_params, sample=replace(tiny_params.sample, paraphrase_per_combo=1))
+    p = replace(tiny_params, sample=replace(tiny_params.sample, new_wording_per_combo=1, partial_per_combo=1))
     stages.sample(p, tiny_shards, tiny_model, tmp_path / "samples", progress=False)
     manifest = pd.read_parquet(tmp_path / "samples" / art.MANIFEST)
-    assert (manifest["wording"] == "paraphrase").sum() == 108 and (manifest["wording"] == "train").sum() == 108
+    assert (manifest["wording"] == "new").sum() == 108 and (manifest["wording"] == "train").sum() == 216
+    assert (manifest["color"] == "").sum() > 0  # partial prompts leave attributes out
     page = tmp_path / "reports" / art.EVAL_PAGE
     m = stages.evaluate(p, tmp_path / "samples", tiny_judge, tiny_model, tmp_path / "reports/metrics.json",
                         tiny_shards, page)
-    assert set(m["adherence"]) == {"overall", "seen", "held_out", "paraphrased"}
-    assert m["adherence"]["paraphrased"]["n"] == 108 and m["adherence"]["overall"]["n"] == 108
+    assert set(m["adherence"]) == {"overall", "seen", "held_out", "new_wording", "new_wording_held_out", "partial"}
+    assert m["adherence"]["new_wording"]["n"] == 90 and m["adherence"]["new_wording_held_out"]["n"] == 18
+    assert m["adherence"]["overall"]["n"] == 108 and m["adherence"]["partial"]["n"] == 108
     assert m["fd_judge"]["generated"] > 0 and m["fd_judge"]["n_generated"] == 108
     assert 0 <= m["fidelity"]["generated"]["speckle"] <= 1 and m["fidelity"]["real"]["speckle"] < 0.005
     assert m["image"]["fid"] is None and "weights-inception" in m["image"]["skipped"]["fid"]
@@ -79,7 +81,7 @@ def test_evaluate_stage_reports_groups_fidelity_and_skips_with_reasons(tiny_para
     assert m["sampling"]["spacing"] == "karras" and m["sampling"]["sampler"] == "ddpm"
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["fd_judge"] == m["fd_judge"]
     text = page.read_text()
-    assert "| paraphrased | 108 |" in text and "FD-judge" in text and "FID skipped" in text
+    assert "| new_wording_held_out | 18 |" in text and "| partial | 108 |" in text and "FD-judge" in text and "FID skipped" in text
     assert "![sample grid](../samples/grid.png)" in text
 
 
@@ -121,7 +123,7 @@ def test_sampling_again_with_other_settings_logs_to_the_same_training_run(tiny_p
     p = replace(tiny_params, mlflow=replace(tiny_params.mlflow, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
     info = stages.train(p, tiny_shards, tiny_embeddings, tmp_path / "model", progress=False)
     for sampler, steps in (("ddpm", 4), ("dpmpp_2m", 3)):
-        q = replace(p, sample=replace(p.sample, sampler=sampler, steps=steps, paraphrase_per_combo=0))
+        q = replace(p, sample=replace(p.sample, sampler=sampler, steps=steps, new_wording_per_combo=0, partial_per_combo=0))
         stages.sample(q, tiny_shards, tmp_path / "model", tmp_path / "samples", progress=False)
     run = mlflow.MlflowClient(tracking_uri=p.mlflow.tracking_uri).get_run(info["run_id"])
     assert run.data.tags["sample.sampler"] == "dpmpp_2m" and run.data.tags["sample.steps"] == "3"

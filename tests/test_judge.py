@@ -17,14 +17,33 @@ def test_score_counts_per_attribute_and_all_correct():
     assert s["held_out"] == {"shape": 0.5, "color": 1.0, "all": 0.5, "n": 2}
 
 
-def test_paraphrased_rows_are_their_own_group_and_stay_out_of_the_others():
-    truth = {"shape": np.array([0, 1, 2, 0, 1])}
-    pred = {"shape": np.array([0, 1, 2, 1, 2])}
+def test_new_wording_and_partial_rows_are_their_own_groups_and_stay_out_of_the_others():
+    truth = {"shape": np.array([0, 1, 2, 0, 1, 2])}
+    pred = {"shape": np.array([0, 1, 2, 1, 2, 2])}
     rows = [{"held_out": False}, {"held_out": True}, {"held_out": False, "wording": "train"},
-            {"held_out": False, "wording": "paraphrase"}, {"held_out": True, "wording": "paraphrase"}]
+            {"held_out": False, "wording": "new"}, {"held_out": True, "wording": "new"},
+            {"held_out": False, "wording": "train", "shape": "triangle", "color": ""}]
     s = score(pred, truth, groups_of(rows))
     assert s["overall"]["n"] == 3 and s["overall"]["all"] == 1.0
-    assert s["paraphrased"] == {"shape": 0.0, "all": 0.0, "n": 2}
+    assert s["new_wording"] == {"shape": 0.0, "all": 0.0, "n": 1}
+    assert s["new_wording_held_out"] == {"shape": 0.0, "all": 0.0, "n": 1}
+    assert s["partial"] == {"shape": 1.0, "all": 1.0, "n": 1}
+
+
+def test_a_prompt_naming_only_a_colour_is_scored_on_colour_alone():
+    from diffusion.judge import labels_from_metas
+
+    vocab = {"shape": ["circle", "square"], "color": ["red", "blue"], "size": ["small", "large"],
+             "position": ["left", "right"]}
+    rows = [{"shape": "", "color": "red", "size": "", "position": "", "held_out": False, "wording": "train"},
+            {"shape": "", "color": "blue", "size": "", "position": "", "held_out": False, "wording": "train"}]
+    truth = labels_from_metas(rows, vocab)
+    assert truth["shape"].tolist() == [-1, -1] and truth["color"].tolist() == [0, 1]
+    # right colour, every other attribute "wrong": all-correct; wrong colour: not
+    pred = {"shape": np.array([1, 0]), "color": np.array([0, 0]), "size": np.array([1, 1]), "position": np.array([0, 1])}
+    s = score(pred, truth, groups_of(rows))["partial"]
+    assert s["all"] == 0.5 and s["color"] == 0.5 and s["n"] == 2
+    assert np.isnan(s["shape"]) and np.isnan(s["size"]) and np.isnan(s["position"])
 
 
 def test_judge_learns_the_attributes_of_real_images(tiny_params, tiny_shards, tmp_path):
