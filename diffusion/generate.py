@@ -3,7 +3,8 @@
 ``generate(...)`` is the one place where conditioning, classifier-free guidance, per-image seeds
 and the sampler meet; the sample stage, the training grid and the registered MLflow model all call
 it. Each image's noise comes from its own ``torch.Generator(seed)``, so an image depends only on its
-prompt, its seed and the settings, never on the batch it was drawn in.
+prompt, its seed and the settings, not on its neighbours in a batch (the batch's size can still
+move a pixel by one 8-bit level: CPU kernels round by batch shape).
 """
 
 from __future__ import annotations

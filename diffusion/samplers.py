@@ -21,7 +21,7 @@ DPM-Solver++(2M) (Lu et al. 2022), multistep second order in log-sigma, one eval
 ``sample_dpmpp_2m_sde`` its SDE variant (midpoint form, eta = 1 by default).
 
 Noise comes from one generator per image (``noise_fn``), so the image for a seed does not depend
-on the batch it was drawn in.
+on the other images in its batch.
 """
 
 from __future__ import annotations

