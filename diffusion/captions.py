@@ -2,7 +2,7 @@
 
 A caption names an image's shape, colour, size and position, each said with one of several
 phrasings (synonyms, adjective or clause, before or after the noun), inside one of many sentence
-frames; any attribute may be left out (``CaptionConfig.omit``). The model therefore has to learn
+frames; any attribute may be left out (``dataset.caption_omit``). The model therefore has to learn
 what the attribute *words* mean, wherever they stand, instead of where five fixed sentence patterns
 put them.
 
@@ -79,7 +79,7 @@ TRAIN = Lexicon(
 )
 
 # Evaluation only: every frame has a word that no training frame has (the test suite checks that
-# no held-out prompt is a training caption). The first two are the examples the issue gave.
+# no held-out prompt is a training caption).
 HELD_OUT = Lexicon(
     frames=(
         "{np} placed {where}",
@@ -113,10 +113,10 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
     return options[int(rng.integers(len(options)))]
 
 
-def _words(table: dict[str, tuple[str, ...]], value: str) -> tuple[str, ...]:
-    """The phrasings of ``value``; a value the lexicon does not know (a user's own colour or
-    shape in params.yaml) is said as itself."""
-    return table.get(value, (value,))
+def _words(table: dict[str, tuple[str, ...]], value: str, unknown: str = "{}") -> tuple[str, ...]:
+    """The phrasings of ``value``; a value the lexicon does not know (a user's own shape, size or
+    position in params.yaml) is said as ``unknown`` filled with it (by default, itself)."""
+    return table.get(value, (unknown.format(value),))
 
 
 def describe(attrs: dict[str, str], rng: np.random.Generator, lexicon: Lexicon = TRAIN,
@@ -143,7 +143,7 @@ def describe(attrs: dict[str, str], rng: np.random.Generator, lexicon: Lexicon =
     if post:
         np_ += " " + _pick(rng, lexicon.joiners).join(post)
     if "position" in named:
-        where = _pick(rng, lexicon.position.get(attrs["position"], (f"on the {attrs['position']}",)))
+        where = _pick(rng, _words(lexicon.position, attrs["position"], "on the {}"))
         return _pick(rng, lexicon.frames).format(np=np_, where=where)
     return _pick(rng, lexicon.frames_no_where).format(np=np_)
 

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusion.artifacts import JUDGE_INFO, JUDGE_WEIGHTS
+from diffusion.captions import ATTRIBUTES
 from diffusion.config import JudgeConfig
 from diffusion.errors import MissingInputError
 from diffusion.text import pick_device
@@ -122,7 +123,7 @@ def groups_of(rows: list[dict]) -> dict[str, np.ndarray]:
     except the three of the training wording."""
     held = np.array([bool(r.get("held_out", False)) for r in rows], bool)
     new = np.array([r.get("wording", "train") == "new" for r in rows], bool)
-    partial = np.array([any(r.get(a, "x") == "" for a in ("shape", "color", "size", "position")) for r in rows], bool)
+    partial = np.array([any(r.get(a) == "" for a in ATTRIBUTES) for r in rows], bool)
     full = ~partial
     groups = {"overall": full & ~new, "seen": full & ~new & ~held, "held_out": full & ~new & held,
               "new_wording": full & new & ~held, "new_wording_held_out": full & new & held, "partial": partial}

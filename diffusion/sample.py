@@ -56,7 +56,7 @@ def grid_rows(rows: list[dict], size: int) -> list[int]:
     examples of every group."""
     from diffusion.judge import groups_of
 
-    groups = [np.flatnonzero(m) for name, m in groups_of(rows).items() if name not in ("overall",)] \
+    groups = [np.flatnonzero(m) for name, m in groups_of(rows).items() if name != "overall"] \
         if rows and "wording" in rows[0] else [np.arange(len(rows))]
     groups = [g for g in groups if len(g)]
     if not groups:

@@ -140,17 +140,18 @@ def eval_prompts(cfg: DatasetConfig, per_combo: int, new_wording_per_combo: int 
     Each prompt is a pure function of (dataset seed, set, combination, k).
     """
     rows = []
-    sets = (("train", per_combo, False), ("new", new_wording_per_combo, False), ("partial", partial_per_combo, True))
-    for wording, n, partial in sets:
-        lexicon = LEXICONS["train" if partial else wording]
+    # (prompt set, its wording, prompts per combination, whether it names only some attributes)
+    sets = (("train", "train", per_combo, False), ("new", "new", new_wording_per_combo, False),
+            ("partial", "train", partial_per_combo, True))
+    for stream, wording, n, partial in sets:
         for c_idx, attrs in enumerate(all_combos(cfg)):
             for k in range(n):
-                rng = np.random.default_rng([cfg.seed, _PROMPT_STREAMS[wording], c_idx, k])
+                rng = np.random.default_rng([cfg.seed, _PROMPT_STREAMS[stream], c_idx, k])
                 named = ATTRIBUTES
                 if partial:
                     pick = rng.permutation(len(ATTRIBUTES))[: int(rng.integers(1, len(ATTRIBUTES)))]
                     named = tuple(a for i, a in enumerate(ATTRIBUTES) if i in pick)
                 said = {a: (v if a in named else "") for a, v in attrs.items()}
-                rows.append({"prompt": describe(attrs, rng, lexicon, named), **said,
-                             "held_out": is_held_out(said, cfg.holdout), "wording": "train" if partial else wording})
+                rows.append({"prompt": describe(attrs, rng, LEXICONS[wording], named), **said,
+                             "held_out": is_held_out(said, cfg.holdout), "wording": wording})
     return rows
