@@ -9,7 +9,8 @@ name is spelled once::
     model/       model.safetensors  model.json  checkpoint.pt  run.json  *.png  loss.csv  (train)
     samples/     images/NNNNNN.png  manifest.parquet  grid.png                           (sample)
     judge/       judge.safetensors  judge.json                                            (judge)
-    bundle/      denoiser/  text_encoder.safetensors  text_encoder.json  sampler.json    (register)
+    latents/     train/shard-*.tar  val/shard-*.tar  latents.json                     (latents)
+    bundle/      denoiser/  text_encoder.safetensors  text_encoder.json  sampler.json  [vae/]  (register)
 """
 
 from __future__ import annotations
@@ -145,12 +146,13 @@ LOSS_CURVE = "loss_curve.png"
 LOSS_HISTORY = "loss.csv"  # step,loss: a DVC plot
 
 
-def build_denoiser(unet, text_dim: int, pooled_dim: int, cfg):
-    """The network behind its preconditioning, from a UNetConfig and a TrainConfig."""
+def build_denoiser(unet, text_dim: int, pooled_dim: int, cfg, in_channels: int = 3):
+    """The network behind its preconditioning, from a UNetConfig and a TrainConfig (``in_channels``:
+    3 for pixels, the VAE's latent channels for a latent model)."""
     from diffusion.model import UNet
     from diffusion.precond import Denoiser
 
-    net = UNet(unet, text_dim=text_dim, pooled_dim=pooled_dim)
+    net = UNet(unet, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=in_channels)
     return Denoiser(net, cfg.timesteps, cfg.beta_min, cfg.beta_max, cfg.prediction)
 
 
@@ -176,8 +178,13 @@ def model_meta(model_dir: str | Path) -> dict:
     return json.loads((require_model(model_dir) / MODEL_CONFIG).read_text())
 
 
-def load_model(model_dir: str | Path, device="cpu"):
-    """(denoiser in eval mode on ``device``, meta) from model.safetensors + model.json."""
+def load_model(model_dir: str | Path, device="cpu", latents=None, vae=None):
+    """(denoiser in eval mode on ``device``, meta) from model.safetensors + model.json.
+
+    A latent model also gets its decoder (``denoiser.codec``): ``vae`` if given, else the one
+    params ``latents`` (a LatentsConfig) name, else the one recorded in model.json; each is
+    checked against the latent space the model was trained on (``diffusion.latents.check_vae``).
+    """
     from safetensors.torch import load_file
 
     from diffusion.config import TrainConfig, UNetConfig
@@ -186,8 +193,15 @@ def load_model(model_dir: str | Path, device="cpu"):
     meta = json.loads((d / MODEL_CONFIG).read_text())
     train_cfg = TrainConfig(**{k: v for k, v in meta["train"].items() if k != "unet"},
                             unet=UNetConfig(**meta["train"]["unet"]))
-    den = build_denoiser(train_cfg.unet, meta["text_dim"], meta["pooled_dim"], train_cfg)
+    channels = meta["latents"]["channels"] if "latents" in meta else 3
+    den = build_denoiser(train_cfg.unet, meta["text_dim"], meta["pooled_dim"], train_cfg, in_channels=channels)
     den.net.load_state_dict(load_file(str(d / MODEL_WEIGHTS)))
+    from diffusion import latents as lat
+
+    if vae is None:
+        vae = lat.vae_for_model(meta, latents)
+    if vae is not None:
+        den.codec = lat.codec_for(vae, meta, device, latents)
     return den.to(device).eval(), meta
 
 
@@ -273,6 +287,7 @@ BUNDLE_TEXT_WEIGHTS = "text_encoder.safetensors"
 BUNDLE_TEXT_SPEC = "text_encoder.json"
 BUNDLE_SAMPLER = "sampler.json"
 BUNDLE_EVAL = "evaluation.json"  # the evaluation fingerprint and metrics the version was registered with
+BUNDLE_VAE = "vae"  # latent models: the autoencoder (diffusers folder), so the model decodes on its own
 # MLflow artifact name -> file or folder in the bundle
 # the sampler settings a model is registered with (SampleConfig keys)
 BUNDLE_SAMPLER_KEYS = (*SAMPLER_KEYS, "batch_size")
@@ -280,8 +295,10 @@ BUNDLE = {"denoiser": BUNDLE_DENOISER, "text_encoder": BUNDLE_TEXT_WEIGHTS, "tex
           "sampler": BUNDLE_SAMPLER, "evaluation": BUNDLE_EVAL}
 
 
-def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, evaluation: dict) -> dict[str, str]:
-    """Lay out a self-contained model in ``dest``; returns MLflow's {artifact name: path}."""
+def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, evaluation: dict,
+                 vae=None) -> dict[str, str]:
+    """Lay out a self-contained model in ``dest`` (with ``vae``, a latent model's autoencoder);
+    returns MLflow's {artifact name: path}."""
     import shutil
 
     from safetensors.torch import save_file
@@ -297,7 +314,11 @@ def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, eva
                                          "fingerprint": encoder.fingerprint})
     write_json(dest / BUNDLE_SAMPLER, {k: getattr(settings, k) for k in BUNDLE_SAMPLER_KEYS})
     write_json(dest / BUNDLE_EVAL, evaluation)
-    return {name: str(dest / f) for name, f in BUNDLE.items()}
+    paths = {name: str(dest / f) for name, f in BUNDLE.items()}
+    if vae is not None:
+        vae.save_pretrained(str(dest / BUNDLE_VAE), safe_serialization=True)
+        paths["vae"] = str(dest / BUNDLE_VAE)
+    return paths
 
 
 def load_bundle(artifacts: dict[str, str], device="cpu"):
@@ -308,7 +329,12 @@ def load_bundle(artifacts: dict[str, str], device="cpu"):
     spec = json.loads(Path(artifacts["text_encoder_spec"]).read_text())
     encoder = load_text_encoder(spec["model"], pretrained=artifacts["text_encoder"], layer=spec["layer"],
                                 device=str(device), fingerprint=spec["fingerprint"])
-    denoiser, meta = load_model(artifacts["denoiser"], device)
+    vae = None
+    if artifacts.get("vae"):
+        from diffusion.latents import load_vae
+
+        vae = load_vae(artifacts["vae"], key="the model's vae artifact")
+    denoiser, meta = load_model(artifacts["denoiser"], device, vae=vae)
     saved = json.loads(Path(artifacts["sampler"]).read_text())
     settings = SampleConfig(**{k: v for k, v in saved.items() if k in BUNDLE_SAMPLER_KEYS})
     return denoiser, meta, encoder, settings
@@ -321,4 +347,6 @@ def bundle_paths(model_root: str | Path) -> dict[str, str]:
     for p in paths.values():
         if not Path(p).exists():
             raise T2IError(f"{model_root} is not a t2i model: {p} is missing")
+    if (root / BUNDLE_VAE).is_dir():
+        paths["vae"] = str(root / BUNDLE_VAE)
     return paths

@@ -114,6 +114,22 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class LatentsConfig:
+    """Latent diffusion (diffusion.latents): encode every image once with a pretrained autoencoder
+    (the latents stage) and train and sample in its latent space. Off (pixel space) while vae is null."""
+
+    # diffusers AutoencoderKL: a hub id (stabilityai/sd-vae-ft-mse), a diffusers folder, or one
+    # checkpoint file (.safetensors/.ckpt); null: train in pixel space
+    vae: Optional[str] = None
+    subfolder: Optional[str] = None  # the VAE inside a whole pipeline's repo or folder: "vae"
+    config: Optional[str] = None  # single file: its architecture (diffusers folder or hub id); offline, required
+    scaling_factor: Optional[float] = None  # null: the VAE config's (0.18215 for Stable Diffusion)
+    dtype: str = "auto"  # encode/decode compute: auto (CPU float32; CUDA float16, or bfloat16 if force_upcast)
+    device: str = "auto"
+    batch_size: int = 32  # images per encoder (and decoder) call
+
+
+@dataclass(frozen=True)
 class EmbedConfig:
     model: str = "ViT-S-32-alt"  # any open_clip architecture with a CLIP text transformer
     pretrained: Optional[str] = None  # null: seeded random init; a tag (laion2b_s34b_b79k) or a file
@@ -169,6 +185,9 @@ class TrainConfig:
     # "none" is the seed's plain MSE; "min_snr" weights timesteps by min-SNR-gamma (Hang et al. 2023)
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
+    # latent models: "posterior" draws z = mean + std * noise from the stored distribution at each
+    # step (diffusers' training scripts); "mean" uses the mean
+    latent_sampling: str = "posterior"
     shuffle_buffer: int = 2000
     data_workers: int = 1  # 1: decode shards in a separate process beside the training step; 0: inline
     checkpoint_every: int = 500
@@ -292,6 +311,7 @@ class MlflowConfig:
 class Params:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -311,6 +331,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ingest.resize_mode": ("center_crop", "pad", "keep_ratio"),
     "ingest.caption_errors": ("replace", "reject"),
     "ingest.task_runner": ("threads", "processes"),
+    "latents.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "latents.device": ("auto", "cpu", "cuda"),
+    "train.latent_sampling": ("posterior", "mean"),
     "embed.layer": ("auto", "last", "penultimate", "token_embedding"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.prediction": ("eps", "v"),
@@ -478,7 +501,7 @@ def _validate(p: Params) -> None:
         ("train.steps", p.train.steps), ("train.batch_size", p.train.batch_size),
         ("judge.steps", p.judge.steps), ("sample.steps", p.sample.steps),
         ("sample.per_combo", p.sample.per_combo), ("embed.batch_size", p.embed.batch_size),
-        ("batch.batch_size", p.batch.batch_size),
+        ("batch.batch_size", p.batch.batch_size), ("latents.batch_size", p.latents.batch_size),
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
@@ -501,16 +524,22 @@ def _validate(p: Params) -> None:
     n_levels = len(u.channel_mult)
     if any(not 0 <= lvl < n_levels for lvl in u.attn_levels):
         raise ConfigError(f"train.unet.attn_levels must index channel_mult (0..{n_levels - 1})")
-    size_key, size = ("dataset.image_size", d.image_size) if p.ingest.source == "builtin" else \
-        ("ingest.image_size", p.ingest.image_size)
-    if size % u.patch or (size // u.patch) % (2 ** (n_levels - 1)):
-        raise ConfigError(
-            f"{size_key}/patch ({size}/{u.patch}) must be divisible by "
-            f"2^(len(channel_mult)-1) = {2 ** (n_levels - 1)}"
-        )
+    if p.latents.scaling_factor is not None and p.latents.scaling_factor <= 0:
+        raise ConfigError(f"latents.scaling_factor must be > 0 (or null), got {p.latents.scaling_factor}")
+    if not p.latents.vae:  # latent models: checked against the latent size the VAE gives (at train)
+        size_key, size = ("dataset.image_size", d.image_size) if p.ingest.source == "builtin" else \
+            ("ingest.image_size", p.ingest.image_size)
+        check_unet_fits(u, size, size_key)
     for mult in u.channel_mult:
         if (u.channels * mult) % u.heads or (u.channels * mult) % 8:
             raise ConfigError("train.unet: every level width must divide by heads and by 8 (GroupNorm)")
+
+
+def check_unet_fits(u: "UNetConfig", size: int, size_key: str) -> None:
+    """The UNet folds ``patch`` and halves the side at each level: ``size`` must allow it."""
+    levels = 2 ** (len(u.channel_mult) - 1)
+    if size % u.patch or (size // u.patch) % levels:
+        raise ConfigError(f"{size_key}/patch ({size}/{u.patch}) must be divisible by 2^(len(channel_mult)-1) = {levels}")
 
 
 def to_dict(obj: Any) -> dict:

@@ -51,13 +51,22 @@ def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], ima
     is what guidance pushes away from: one row (the empty caption) for every image, or one row per
     image (negative prompts).
 
+    A latent model (``denoiser.codec`` set) samples latents and decodes them; ``clip_denoised``
+    then clamps x0_hat to the largest value of the training latents instead of [-1, 1].
+
     Returns (N, H, W, 3) uint8.
     """
-    device = next(denoiser.parameters()).device
+    device = next(denoiser.net.parameters()).device
     sigmas = sampling_sigmas(denoiser.sigmas.double().cpu(), cfg.steps, cfg.spacing)
     sample = sampler_fn(cfg.sampler)
     interval = tuple(cfg.guidance_interval) if cfg.guidance_interval else None
-    shape = (3, image_size, image_size)
+    codec = denoiser.codec
+    if codec is None:
+        shape, bound = (3, image_size, image_size), 1.0
+    else:
+        if codec.spec.image_size != image_size:
+            raise T2IError(f"the model decodes {codec.spec.image_size}px images, {image_size}px were asked for")
+        shape, bound = codec.latent_shape, codec.spec.abs_max
     out = []
     starts = range(0, len(seeds), cfg.batch_size)
     for start in tqdm(starts, desc="sample", unit="batch", disable=not progress):
@@ -68,8 +77,10 @@ def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], ima
         guided = GuidedDenoiser(denoiser, c, u.to(device), cfg.guidance_scale, interval)
         x = initial_noise(gens, shape, float(sigmas[0]), device)
         with autocast_for(device):
-            x = sample(clamped(guided, 1.0 if cfg.clip_denoised else None), x, sigmas, eta=effective_eta(cfg),
+            x = sample(clamped(guided, bound if cfg.clip_denoised else None), x, sigmas, eta=effective_eta(cfg),
                        noise_fn=per_image_noise(gens, shape, device))
+        if codec is not None:
+            x = codec.decode(x.float())
         out.append(to_uint8(x))
     return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
 

@@ -22,6 +22,9 @@ class Denoiser(nn.Module):
             raise ValueError(f"prediction must be eps or v, got {prediction!r}")
         self.net = net
         self.prediction = prediction
+        # a latent model's decoder (diffusion.latents.LatentCodec), set by artifacts.load_model;
+        # None: the network works in pixel space
+        self.codec = None
         self.register_buffer("sigmas", ddpm_sigmas(linear_betas(timesteps, beta_min, beta_max)), persistent=False)
 
     @property

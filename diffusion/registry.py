@@ -81,17 +81,19 @@ def png_bytes(image) -> bytes:
 
 def log_and_register(model_dir: str | Path, encoder, settings: SampleConfig, metrics: dict[str, float],
                      model_name: str, run_id: str | None = None, *, evaluation: dict | None = None,
-                     lineage: dict[str, str] | None = None) -> dict:
+                     lineage: dict[str, str] | None = None, vae=None) -> dict:
     """Log the pyfunc model to ``run_id`` (or a new run) and register it as a new version of
-    ``model_name``, tagged with ``metrics`` and ``lineage``. Returns {name, version, uri, run_id}."""
+    ``model_name``, tagged with ``metrics`` and ``lineage``; a latent model's ``vae`` goes into the
+    bundle. Returns {name, version, uri, run_id}."""
     evaluation = evaluation or {}
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts = write_bundle(tmp, model_dir, encoder, settings, {"fingerprint": evaluation, "metrics": metrics})
+        artifacts = write_bundle(tmp, model_dir, encoder, settings, {"fingerprint": evaluation, "metrics": metrics},
+                                 vae=vae)
         signature = model_signature(settings)
         with mlflow.start_run(run_id=run_id) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=T2IModel(), artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
-                signature=signature, pip_requirements=_requirements(), input_example=None,
+                signature=signature, pip_requirements=_requirements(vae is not None), input_example=None,
             )
             mlflow.log_metrics(metrics)
             run_id = run.info.run_id
@@ -131,11 +133,14 @@ def model_signature(settings: SampleConfig):
     )
 
 
-def _requirements() -> list[str]:
+def _requirements(latent: bool = False) -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "open_clip_torch", "safetensors", "pandas", "pillow",
-                                                    "numpy", "pyarrow", "tqdm", "webdataset", "mlflow", "pyyaml")]
+    pkgs = ["torch", "open_clip_torch", "safetensors", "pandas", "pillow", "numpy", "pyarrow", "tqdm", "webdataset",
+            "mlflow", "pyyaml"]
+    if latent:
+        pkgs.append("diffusers")
+    return [f"{pkg}=={version(pkg)}" for pkg in pkgs]
 
 
 # ---------------------------------------------------------------------------------------------

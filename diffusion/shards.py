@@ -120,18 +120,20 @@ def list_shards(split_dir: str | Path) -> list[str]:
 
 
 def decode_sample(sample: dict) -> dict:
-    """Raw webdataset sample -> {key, image (HxWx3 uint8), caption, meta}. No pickle involved."""
+    """Raw webdataset sample -> {key, image (HxWx3 uint8), caption, meta}, or for a latent shard
+    (diffusion.latents) {key, mean, std (C x h x w float16), caption, meta}. No pickle involved."""
+    out = {"key": sample["__key__"], "caption": sample["txt"].decode("utf-8"),
+           "meta": json.loads(sample["json"]) if "json" in sample else {}}
+    if "mean.npy" in sample:
+        out["mean"] = np.load(io.BytesIO(sample["mean.npy"]), allow_pickle=False)
+        out["std"] = np.load(io.BytesIO(sample["std.npy"]), allow_pickle=False)
+        return out
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise ValueError(f"sample {sample.get('__key__')} has no image member")
     with Image.open(io.BytesIO(sample[ext])) as im:
-        image = np.asarray(im.convert("RGB"))
-    return {
-        "key": sample["__key__"],
-        "image": image,
-        "caption": sample["txt"].decode("utf-8"),
-        "meta": json.loads(sample["json"]) if "json" in sample else {},
-    }
+        out["image"] = np.asarray(im.convert("RGB"))
+    return out
 
 
 def raw_samples(urls: Iterable[str]) -> Iterator[dict]:

@@ -24,8 +24,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusion.artifacts import CHECKPOINT, build_denoiser, save_model
-from diffusion.config import TrainConfig, to_dict
-from diffusion.errors import MissingInputError, T2IError
+from diffusion.config import TrainConfig, check_unet_fits, to_dict
+from diffusion.errors import ConfigError, MissingInputError, T2IError
+from diffusion.latents import LatentSpec, scale_latents
 from diffusion.loss import diffusion_loss
 from diffusion.model import Cond, count_params
 from diffusion.shards import decode_sample, raw_samples
@@ -104,17 +105,26 @@ class ShardStream:
             self.position = DataPosition(pos.epoch + 1, 0)
 
 
-def batches(stream: ShardStream, table: EmbeddingTable, batch_size: int) -> Iterator[Batch]:
-    """Batches of (images (B, 3, H, W) float in [-1, 1], embedding rows (B,), stream position after it)."""
+def batches(stream: ShardStream, table: EmbeddingTable, batch_size: int,
+            latent: LatentSpec | None = None) -> Iterator[Batch]:
+    """Batches of (images (B, 3, H, W) float in [-1, 1], embedding rows (B,), stream position after it);
+    from latent shards (``latent`` given) the scaled posterior means and standard deviations."""
     it = iter(stream)
     while True:
-        imgs, rows = [], []
+        xs, stds, rows = [], [], []
         for _ in range(batch_size):
             s = next(it)
-            imgs.append(s["image"])
+            if latent is None:
+                xs.append(s["image"])
+            else:
+                xs.append(s["mean"])
+                stds.append(s["std"])
             rows.append(table.row(s["caption"]))
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-        yield Batch(x, torch.tensor(rows, dtype=torch.long), dataclasses.replace(stream.position))
+        if latent is None:
+            x, std = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), None
+        else:
+            x, std = scale_latents(np.stack(xs), np.stack(stds), latent)
+        yield Batch(x, torch.tensor(rows, dtype=torch.long), dataclasses.replace(stream.position), std)
 
 
 @dataclass
@@ -122,6 +132,7 @@ class Batch:
     x0: torch.Tensor
     rows: torch.Tensor
     position: DataPosition  # where the stream stands after this batch (saved in checkpoints)
+    std: torch.Tensor | None = None  # latent batches: the posterior's std (x0 holds its mean)
 
 
 class BatchStream(torch.utils.data.IterableDataset):
@@ -131,18 +142,19 @@ class BatchStream(torch.utils.data.IterableDataset):
     each batch carries its own stream position, so checkpoints stay exact.
     """
 
-    def __init__(self, stream: ShardStream, table: EmbeddingTable, batch_size: int):
+    def __init__(self, stream: ShardStream, table: EmbeddingTable, batch_size: int, latent: LatentSpec | None = None):
         super().__init__()
-        self.stream, self.table, self.batch_size = stream, table, batch_size
+        self.stream, self.table, self.batch_size, self.latent = stream, table, batch_size, latent
 
     def __iter__(self) -> Iterator[Batch]:
-        return batches(self.stream, self.table, self.batch_size)
+        return batches(self.stream, self.table, self.batch_size, self.latent)
 
 
-def batch_loader(stream: ShardStream, table: EmbeddingTable, batch_size: int, workers: int) -> Iterator[Batch]:
+def batch_loader(stream: ShardStream, table: EmbeddingTable, batch_size: int, workers: int,
+                 latent: LatentSpec | None = None) -> Iterator[Batch]:
     if workers == 0:
-        return batches(stream, table, batch_size)
-    loader = torch.utils.data.DataLoader(BatchStream(stream, table, batch_size), batch_size=None,
+        return batches(stream, table, batch_size, latent)
+    loader = torch.utils.data.DataLoader(BatchStream(stream, table, batch_size, latent), batch_size=None,
                                          num_workers=1, prefetch_factor=4, persistent_workers=False)
     return iter(loader)
 
@@ -200,9 +212,12 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
 
 
 def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_dir: str | Path, *,
-          image_size: int, logger: TrainLogger | None = None, grid_fn=None, progress: bool = True) -> Path:
+          image_size: int, latent: LatentSpec | None = None, logger: TrainLogger | None = None, grid_fn=None,
+          progress: bool = True) -> Path:
     """Train for ``cfg.steps`` steps (resuming from out_dir/checkpoint.pt if its config matches).
 
+    ``shard_urls`` are image shards, or latent shards with ``latent`` saying which latent space
+    (the latents stage); ``image_size`` is the side of the images the model produces.
     ``grid_fn(denoiser, step) -> PIL.Image`` may render a sample grid at the end for the logger.
     Returns the directory holding model.safetensors and model.json.
     """
@@ -215,8 +230,16 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     text_dim, pooled_dim = table.tokens.shape[-1], table.pooled.shape[-1]
+    try:
+        if latent is None:
+            check_unet_fits(cfg.unet, image_size, "image size")
+        else:
+            check_unet_fits(cfg.unet, latent.size, f"latent size ({image_size}px / {image_size // latent.size})")
+    except ConfigError as e:
+        raise ConfigError(f"train.unet does not fit the data: {e}") from None
+    channels = 3 if latent is None else latent.channels
 
-    model = build_denoiser(cfg.unet, text_dim, pooled_dim, cfg).to(device)
+    model = build_denoiser(cfg.unet, text_dim, pooled_dim, cfg, in_channels=channels).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -225,6 +248,8 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     step = 0
     run_meta = {"train": to_dict(cfg), "code": code_fingerprint(), "text_dim": text_dim, "pooled_dim": pooled_dim, "image_size": image_size,
                 "text_fingerprint": table.fingerprint, "text_fingerprint_id": fingerprint_id(table.fingerprint)}
+    if latent is not None:
+        run_meta["latents"] = latent.as_dict()
 
     ckpt_path = out / CHECKPOINT
     if ckpt_path.is_file():
@@ -257,7 +282,8 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
                     "data": dataclasses.asdict(position), "rng": _rng_state(gen)}, tmp)
         tmp.replace(ckpt_path)  # atomic
 
-    data = batch_loader(stream, table, cfg.batch_size, cfg.data_workers)
+    data = batch_loader(stream, table, cfg.batch_size, cfg.data_workers, latent)
+    posterior = latent is not None and cfg.latent_sampling == "posterior"
     position = stream.position
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress, mininterval=2.0)
     t_start, seen, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
@@ -265,6 +291,8 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     while step < cfg.steps:
         batch = next(data)
         x0, rows, position = batch.x0, batch.rows, batch.position
+        if posterior:  # a fresh draw of each image's latent distribution
+            x0 = x0 + batch.std * torch.randn(x0.shape, generator=gen)
         drop = torch.rand(rows.shape, generator=gen) < cfg.cond_dropout  # classifier-free guidance
         rows = torch.where(drop, torch.full_like(rows, empty), rows).to(device)
         length = int(lengths[rows].max())  # attend to the batch's longest caption, not the table's
