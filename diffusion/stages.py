@@ -12,6 +12,7 @@ from pathlib import Path
 
 from diffusion import artifacts as art
 from diffusion.config import Params, flatten, to_dict
+from diffusion.errors import MissingInputError
 
 TRAIN_GRID_SIZE = 24  # captions in the sample grid logged at the end of training
 
@@ -21,6 +22,13 @@ def ingest(p: Params, out_dir: str | Path, submit=None) -> dict:
     from diffusion.ingest import ingest as run
 
     return run(p.ingest, p.dataset, out_dir, submit)
+
+
+def latents(p: Params, shards_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+    """Encode every image once with the autoencoder of ``latents.vae`` (off while it is null)."""
+    from diffusion.latents import encode_shards
+
+    return encode_shards(p.latents, shards_dir, out_dir, progress=progress)
 
 
 def embed(p: Params, shards_dir: str | Path, out_dir: str | Path) -> dict:
@@ -51,17 +59,24 @@ def judge(p: Params, shards_dir: str | Path, out_dir: str | Path, metrics_file: 
 
 
 def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path,
-          progress: bool = True) -> dict:
+          progress: bool = True, latents_dir: str | Path | None = None) -> dict:
+    """Train on the image shards, or on their latents where the latents stage wrote them
+    (``latents_dir`` with latents.vae set)."""
     import mlflow
 
     from diffusion import tracking
     from diffusion.config import SampleConfig
     from diffusion.generate import generate, make_grid, table_cond
+    from diffusion.latents import codec_for, latent_training_data, load_vae
     from diffusion.text import EmbeddingTable
     from diffusion.train import train as train_loop
 
-    urls = art.shard_urls(shards_dir, "train")
     image_size = art.square_image_size(shards_dir)
+    found = latent_training_data(latents_dir, shards_dir)
+    if p.latents.vae and found is None:
+        raise MissingInputError(f"latents.vae is set but {latents_dir or '(no --latents folder)'} holds no latents: "
+                                "run the latents stage first")
+    urls, latent = found if found else (art.shard_urls(shards_dir, "train"), None)
     table = EmbeddingTable.load(art.require(embeddings_dir, "embeddings", "embed"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +87,9 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     grid_captions = captions[:: max(1, len(captions) // TRAIN_GRID_SIZE)][:TRAIN_GRID_SIZE]
 
     def grid_fn(denoiser, step):
+        if latent is not None:  # decode through the VAE the latents came from
+            denoiser.codec = codec_for(load_vae(latent.vae, subfolder=latent.vae_subfolder, config=latent.vae_config),
+                                       {"latents": latent.as_dict()}, next(denoiser.net.parameters()).device, p.latents)
         cond, uncond = table_cond(table, grid_captions)
         images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), image_size, SampleConfig())
         grid = make_grid(images, grid_captions)
@@ -83,12 +101,14 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     with mlflow.start_run(run_name=f"train-{p.train.steps}steps") as run:
         art.write_run_file(out, run.info.run_id, run.info.experiment_id, uri)
         mlflow.log_params({f"train.{k}": v for k, v in flatten(to_dict(p.train)).items()})
+        if latent is not None:
+            mlflow.log_params({f"latents.{k}": v for k, v in latent.as_dict().items()})
         mlflow.log_params({"image_size": image_size, "source": p.ingest.source,
                            "embed.model": p.embed.model, "embed.pretrained": str(p.embed.pretrained),
                            "embed.layer": table.fingerprint["layer"]})
         mlflow.set_tags({"text_fingerprint": table.fingerprint["weights"], "stage": "train"})
         logger = tracking.MlflowLogger()
-        train_loop(p.train, urls, table, out, image_size=image_size, logger=logger, grid_fn=grid_fn,
+        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, logger=logger, grid_fn=grid_fn,
                    progress=progress)
         curve = logger.loss_curve()
         art.write_loss_history(out, logger.history.get("loss", []))
@@ -118,7 +138,7 @@ def sample(p: Params, shards_dir: str | Path, model_dir: str | Path, out_dir: st
     from diffusion.sample import eval_rows, sample_eval_set
     from diffusion.text import pick_device
 
-    denoiser, meta = art.load_model(model_dir, pick_device(p.sample.device))
+    denoiser, meta = art.load_model(model_dir, pick_device(p.sample.device), p.latents)
     encoder = _encoder_for(p, meta)
     builtin = p.ingest.source == "builtin"
     captions = [] if builtin else art.split_captions(shards_dir, "val")
@@ -177,7 +197,7 @@ def sweep(p: Params, shards_dir: str | Path, model_dir: str | Path, judge_dir: s
     from diffusion.sweep import run_points, sweep_settings, write_sweep
     from diffusion.text import pick_device
 
-    denoiser, meta = art.load_model(model_dir, pick_device(p.sample.device))
+    denoiser, meta = art.load_model(model_dir, pick_device(p.sample.device), p.latents)
     encoder = _encoder_for(p, meta)
     judge, info = load_judge(art.require(judge_dir, "judge", "judge"))
     builtin = p.ingest.source == "builtin"
@@ -213,11 +233,13 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
     """Register a new version, tagged with its metrics, its evaluation fingerprint and its lineage
     (git commit, the data it was trained on from ``project_dir``/dvc.lock, the params hash)."""
     from diffusion import lineage, tracking
+    from diffusion.latents import vae_for_model
     from diffusion.registry import log_and_register
 
     meta = art.model_meta(model_dir)
     metrics = art.read_metrics(metrics_file)
     encoder = _encoder_for(p, meta)
+    vae = vae_for_model(meta, p.latents)  # a latent model's autoencoder travels with it
     tracking.setup(p.mlflow)
     run = art.read_run_file(model_dir)
     flat = tracking.evaluation_metrics(metrics)
@@ -226,7 +248,7 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
     evaluation = metrics.get("fingerprint") or {}
     tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"))
     info = log_and_register(model_dir, encoder, p.sample, keep, p.register.model_name,
-                            run.get("run_id"), evaluation=evaluation, lineage=tags)
+                            run.get("run_id"), evaluation=evaluation, lineage=tags, vae=vae)
     info["tracking_uri"] = tracking.tracking_uri(p.mlflow)
     art.write_json(out_file, info)
     return info

@@ -1,9 +1,10 @@
 """``t2i``: the command line. Each stage command runs that stage's Prefect flow; dvc.yaml calls them.
 
     t2i ingest   --out DIR [--source folder --input PATH]
+    t2i latents  --shards DIR --out DIR          encode the images with latents.vae (off while null)
     t2i embed    --shards DIR --out DIR
     t2i judge    --shards DIR --out DIR --metrics FILE
-    t2i train    --shards DIR --embeddings DIR --out DIR
+    t2i train    --shards DIR --embeddings DIR --out DIR [--latents DIR]
     t2i sample   --shards DIR --model DIR --out DIR
     t2i evaluate --samples DIR --judge DIR --model DIR --metrics FILE [--shards DIR --report FILE --plots FILE]
     t2i sweep    --shards DIR --model DIR --judge DIR --out DIR   quality against cost (samplers, steps, guidance)
@@ -52,9 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=["builtin", "folder", "table", "webdataset", "urls"],
                    help="overrides ingest.source")
     p.add_argument("--input", help="overrides ingest.path: folder, table file, shard URLs or URL list")
+    add("latents", "encode every image once with the autoencoder of latents.vae (off while it is null)",
+        "shards", "out")
     add("embed", "precompute caption embeddings with the open_clip text tower", "shards", "out")
     add("judge", "train the evaluation judge on real images", "shards", "out", "metrics")
-    add("train", "train the denoiser", "shards", "embeddings", "out")
+    p = add("train", "train the denoiser", "shards", "embeddings", "out")
+    p.add_argument("--latents", help="the latents stage's folder: train on its latents when latents.vae is set")
     add("sample", "generate the evaluation images", "shards", "model", "out")
     p = add("evaluate", "score generated images with the judge", "samples", "judge", "model", "metrics")
     p.add_argument("--plots", help="also write the adherence table (CSV) for dvc plots")
@@ -95,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # What each stage needs to exist before it starts: (argument, what it is, stage that makes it)
 INPUTS = {
+    "latents": [("shards", "shards", "ingest")],
     "embed": [("shards", "shards", "ingest")],
     "judge": [("shards", "shards", "ingest")],
     "train": [("shards", "shards", "ingest"), ("embeddings", "embeddings", "embed")],
@@ -205,7 +210,8 @@ COMMANDS: dict[str, Callable] = {
     "ingest": _ingest,
     "embed": _stage("embed", "shards", "out"),
     "judge": _stage("judge", "shards", "out", "metrics"),
-    "train": _stage("train_stage", "shards", "embeddings", "out"),
+    "latents": _stage("latents", "shards", "out"),
+    "train": _stage("train_stage", "shards", "embeddings", "out", "latents"),
     "sample": _stage("sample", "shards", "model", "out"),
     "evaluate": _evaluate,
     "register": _stage("register", "model", "metrics", "out"),

@@ -49,7 +49,7 @@ def repro_stage(stage: str, project_dir: str, force: bool, api_url: str | None) 
 
 @flow(name="train-flow", log_prints=True)
 def train_flow(project_dir: str = ".", stages: list[str] | None = None, force: bool = False) -> dict:
-    """Reproduce the pipeline (ingest -> embed -> judge -> train -> sample -> evaluate -> register
+    """Reproduce the pipeline (ingest -> latents -> embed -> judge -> train -> sample -> evaluate -> register
     -> promote): it ends with the promotion policy applied to the version it registered.
 
     ``stages`` limits the run to some stages (and whatever DVC finds stale upstream of them), or

@@ -10,7 +10,7 @@ import yaml
 from diffusion.artifacts import GRID
 
 # dvc.yaml's stages, in pipeline order (train-flow runs them one by one; `t2i pipeline --stage` checks names)
-STAGES = ("ingest", "embed", "judge", "train", "sample", "evaluate", "register", "promote")
+STAGES = ("ingest", "latents", "embed", "judge", "train", "sample", "evaluate", "register", "promote")
 # stages that `t2i pipeline --stage NAME` (or `dvc repro NAME`) runs on request, not by default
 OPTIONAL_STAGES = ("sweep",)
 # the dvc repro target of each stage (optional ones live in analysis/dvc.yaml)

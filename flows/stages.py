@@ -21,6 +21,11 @@ def ingest_unit_task(spec, unit):
     return process_unit(spec, unit)
 
 
+@task(name="latents")
+def latents_task(p: Params, shards_dir: str, out_dir: str) -> dict:
+    return stages.latents(p, shards_dir, out_dir)
+
+
 @task(name="embed")
 def embed_task(p: Params, shards_dir: str, out_dir: str) -> dict:
     return stages.embed(p, shards_dir, out_dir)
@@ -32,8 +37,8 @@ def judge_task(p: Params, shards_dir: str, out_dir: str, metrics_file: str) -> d
 
 
 @task(name="train")
-def train_task(p: Params, shards_dir: str, embeddings_dir: str, out_dir: str) -> dict:
-    return stages.train(p, shards_dir, embeddings_dir, out_dir)
+def train_task(p: Params, shards_dir: str, embeddings_dir: str, out_dir: str, latents_dir: str | None = None) -> dict:
+    return stages.train(p, shards_dir, embeddings_dir, out_dir, latents_dir=latents_dir)
 
 
 @task(name="sample")
@@ -77,6 +82,16 @@ def run_ingest_flow(p: Params, out_dir: str) -> dict:
     return ingest_flow.with_options(task_runner=runner)(p, out_dir)
 
 
+@flow(name="stage-latents", log_prints=True)
+def latents_flow(p: Params, shards_dir: str, out_dir: str) -> dict:
+    """Encode the shards' images with params.latents.vae (a no-op record while it is null)."""
+    from diffusion.latents import summary_line
+
+    result = latents_task(p, shards_dir, out_dir)
+    print(summary_line(result))
+    return {k: result[k] for k in ("enabled", "encoded", "kept", "seconds") if k in result}
+
+
 @flow(name="stage-embed", log_prints=True)
 def embed_flow(p: Params, shards_dir: str, out_dir: str) -> dict:
     return embed_task(p, shards_dir, out_dir)
@@ -88,8 +103,8 @@ def judge_flow(p: Params, shards_dir: str, out_dir: str, metrics_file: str) -> d
 
 
 @flow(name="stage-train", log_prints=True)
-def train_stage_flow(p: Params, shards_dir: str, embeddings_dir: str, out_dir: str) -> dict:
-    return train_task(p, shards_dir, embeddings_dir, out_dir)
+def train_stage_flow(p: Params, shards_dir: str, embeddings_dir: str, out_dir: str, latents_dir: str | None = None) -> dict:
+    return train_task(p, shards_dir, embeddings_dir, out_dir, latents_dir)
 
 
 @flow(name="stage-sample", log_prints=True)

@@ -21,6 +21,27 @@ def test_shipped_params_load_and_spell_out_every_key():
         assert set(data[section]) == set(getattr(Params(), section).__dataclass_fields__), section
 
 
+@pytest.mark.parametrize("preset", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_presets_spell_out_what_params_yaml_does_and_fit_their_data(preset):
+    """A preset replaces params.yaml (cp preset params.yaml): every key DVC tracks must be there."""
+    from diffusion.config import check_unet_fits
+    from diffusion.model import UNet, count_params
+
+    p = load_params(preset)
+    data, shipped = yaml.safe_load(preset.read_text()), yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def keys(d, prefix=""):
+        return {f"{prefix}{k}" for k, v in d.items()} | {x for k, v in d.items() if isinstance(v, dict)
+                                                      and k not in ("colors", "sizes", "positions", "caption_omit")
+                                                      for x in keys(v, f"{prefix}{k}.")}
+    assert keys(data) == keys(shipped)
+    if preset.name == "photos-256.yaml":  # SD VAE: 8x downsampling, 4 latent channels
+        assert p.latents.vae and p.ingest.image_size == 256 and p.embed.pretrained
+        check_unet_fits(p.train.unet, p.ingest.image_size // 8, "latent size")
+        params = count_params(UNet(p.train.unet, text_dim=512, pooled_dim=512, in_channels=4))
+        assert 80e6 < params < 200e6  # a model for one GPU
+
+
 def write(tmp_path, data) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))

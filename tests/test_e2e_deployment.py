@@ -30,7 +30,7 @@ def test_deployment_runs_the_pipeline_and_registers(tmp_path, prefect_server):
     assert reg["uri"] == "models:/t2i-shapes/1"
     assert (project / "data/samples/grid.png").is_file()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"ingest", "embed", "judge", "train", "sample", "evaluate", "register", "promote"}
+    assert set(lock["stages"]) == {"ingest", "latents", "embed", "judge", "train", "sample", "evaluate", "register", "promote"}
     # one deployment run leaves a champion chosen by the policy
     decision = json.loads((project / "reports/promotion.json").read_text())
     assert decision["outcome"] == "promoted" and decision["champion_after"] == 1, decision

@@ -19,7 +19,7 @@ from e2e_helpers import (BIN, DVC_REMOTE, base_env, dvc_experiments, git_commit,
 
 pytestmark = pytest.mark.e2e
 
-ALL = {"ingest", "embed", "judge", "train", "sample", "evaluate", "register", "promote"}
+ALL = {"ingest", "latents", "embed", "judge", "train", "sample", "evaluate", "register", "promote"}
 AFTER_TRAIN = {"train", "sample", "evaluate", "register", "promote"}
 # each stage's Prefect flow (promote runs the same flow as `t2i promote`)
 FLOWS = {f"stage-{s}" for s in ALL - {"promote"}} | {"promote-model"}
