@@ -34,7 +34,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -293,8 +292,10 @@ def encode_shards(cfg: LatentsConfig, shards_dir: str | Path, out_dir: str | Pat
         return {**info, "encoded": 0, "kept": 0, "seconds": 0.0}
 
     image_size = art.square_image_size(shards_dir)
-    sources = {split: [Path(u) for u in art.shard_urls(shards_dir, split)] if (Path(shards_dir) / split).is_dir() else []
-               for split in art.SPLITS}
+    from diffusion.shards import list_shards
+
+    art.shard_urls(shards_dir, "train")  # at least one training shard
+    sources = {split: [Path(u) for u in list_shards(Path(shards_dir) / split)] for split in art.SPLITS}
     vae = load_vae(cfg.vae, subfolder=cfg.subfolder, config=cfg.config)
     vae_sha = weights_sha256(vae)
     factor = downsampling(vae)
@@ -450,8 +451,9 @@ def latent_training_data(latents_dir: str | Path | None, shards_dir: str | Path)
     if not info.get("enabled"):
         return None
     have = {name for name in info["shards"]}
-    now = {f"{split}/{Path(u).name}" for split in art.SPLITS if (Path(shards_dir) / split).is_dir()
-           for u in art.shard_urls(shards_dir, split)}
+    from diffusion.shards import list_shards
+
+    now = {f"{split}/{Path(u).name}" for split in art.SPLITS for u in list_shards(Path(shards_dir) / split)}
     stale = [n for n in now if n not in have or info["shards"][n]["source_size"] != (Path(shards_dir) / n).stat().st_size]
     if stale or have - now:
         raise T2IError(f"the latents in {latents_dir} do not match the shards in {shards_dir} "
@@ -482,8 +484,3 @@ def summary_line(info: dict) -> str:
     return (f"latents: {lat['samples']} images as {lat['channels']}x{lat['size']}x{lat['size']} "
             f"(from {lat['image_size']}px, scaling {lat['scaling_factor']:g}); encoded {info.get('encoded', 0)}, "
             f"kept {info.get('kept', 0)} shard(s)")
-
-
-def describe(info: dict[str, Any]) -> dict[str, Any]:
-    """The part of a latents.json worth logging."""
-    return {k: info[k] for k in ("enabled", "fingerprint_id", "latent") if k in info}
