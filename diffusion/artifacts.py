@@ -146,13 +146,19 @@ LOSS_CURVE = "loss_curve.png"
 LOSS_HISTORY = "loss.csv"  # step,loss: a DVC plot
 
 
-def build_denoiser(unet, text_dim: int, pooled_dim: int, cfg, in_channels: int = 3):
-    """The network behind its preconditioning, from a UNetConfig and a TrainConfig (``in_channels``:
-    3 for pixels, the VAE's latent channels for a latent model)."""
-    from diffusion.model import UNet
+def build_denoiser(cfg, text_dim: int, pooled_dim: int, in_channels: int = 3):
+    """The network ``cfg.denoiser`` names (the UNet or the DiT) behind its preconditioning, from a
+    TrainConfig (``in_channels``: 3 for pixels, the VAE's latent channels for a latent model)."""
     from diffusion.precond import Denoiser
 
-    net = UNet(unet, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=in_channels)
+    if cfg.denoiser == "dit":
+        from diffusion.dit import DiT
+
+        net = DiT(cfg.dit, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=in_channels)
+    else:
+        from diffusion.model import UNet
+
+        net = UNet(cfg.unet, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=in_channels)
     return Denoiser(net, cfg.timesteps, cfg.beta_min, cfg.beta_max, cfg.prediction)
 
 
@@ -187,14 +193,15 @@ def load_model(model_dir: str | Path, device="cpu", latents=None, vae=None):
     """
     from safetensors.torch import load_file
 
-    from diffusion.config import TrainConfig, UNetConfig
+    from diffusion.config import DiTConfig, TrainConfig, UNetConfig
 
     d = require_model(model_dir)
     meta = json.loads((d / MODEL_CONFIG).read_text())
-    train_cfg = TrainConfig(**{k: v for k, v in meta["train"].items() if k != "unet"},
-                            unet=UNetConfig(**meta["train"]["unet"]))
+    saved = meta["train"]
+    train_cfg = TrainConfig(**{k: v for k, v in saved.items() if k not in ("unet", "dit")},
+                            unet=UNetConfig(**saved["unet"]), dit=DiTConfig(**saved.get("dit", {})))
     channels = meta["latents"]["channels"] if "latents" in meta else 3
-    den = build_denoiser(train_cfg.unet, meta["text_dim"], meta["pooled_dim"], train_cfg, in_channels=channels)
+    den = build_denoiser(train_cfg, meta["text_dim"], meta["pooled_dim"], in_channels=channels)
     den.net.load_state_dict(load_file(str(d / MODEL_WEIGHTS)))
     from diffusion import latents as lat
 

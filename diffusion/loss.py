@@ -20,14 +20,15 @@ from diffusion.precond import Denoiser
 
 
 def diffusion_loss(denoiser: Denoiser, x0: Tensor, cond: Cond, *, weighting: str = "none",
-                   gamma: float = 5.0, generator: torch.Generator | None = None) -> Tensor:
-    """Per-sample loss, shape (B,)."""
+                   gamma: float = 5.0, generator: torch.Generator | None = None, forward=None) -> Tensor:
+    """Per-sample loss, shape (B,). ``forward`` runs the denoiser when it is wrapped (DDP,
+    torch.compile); the schedule and scalings are read from ``denoiser`` itself."""
     b = x0.shape[0]
     t = torch.randint(0, len(denoiser.sigmas), (b,), device=x0.device, generator=generator)
     sigma = denoiser.sigmas[t].float()
     noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     x = x0 + sigma[:, None, None, None] * noise
-    d = denoiser(x, sigma, cond, t=t)
+    d = (denoiser if forward is None else forward)(x, sigma, cond, t=t)
     _, c_out, _ = denoiser.scalings(sigma)
     mse = ((d - x0) ** 2).mean(dim=(1, 2, 3)) / c_out**2
     if weighting == "min_snr":

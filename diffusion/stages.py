@@ -7,6 +7,7 @@ a notebook. Each checks its inputs first and raises one-line ``T2IError``s.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -96,6 +97,12 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
         grid.save(out / art.TRAIN_GRID)
         return grid
 
+    from diffusion import distributed
+
+    if distributed.launched() and int(os.environ.get("RANK", "0")) != 0:
+        # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
+        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False)
+        return {"rank": int(os.environ["RANK"])}
     tracking.setup(p.mlflow)
     uri = tracking.tracking_uri(p.mlflow)
     with mlflow.start_run(run_name=f"train-{p.train.steps}steps") as run:

@@ -1,37 +1,47 @@
 """Training: stream shards, join captions to their precomputed embeddings, train the denoiser.
 
-``train(...)`` is a plain loop. It reports through a ``TrainLogger`` (MLflow is wired in from
-outside), writes a full checkpoint every ``checkpoint_every`` steps (model, EMA, optimizer, LR
-schedule, step, RNG states and the data position: a rerun continues exactly where it stopped), and
-ends by exporting the EMA weights as ``model.safetensors`` plus ``model.json``, which is all that
-sampling needs. It never loads the text encoder.
+``train(...)`` runs the loop from named pieces: ``build_state`` (model, EMA, optimizer, schedule,
+precision), ``resume`` (the newest checkpoint written with the same settings), ``train_step``
+(gradient accumulation, clipping, the optimizer, EMA), a ``Monitor`` (loss, throughput and the
+non-finite guard, all kept on the device and read only at logging intervals: no host-device sync
+per step), ``save_checkpoint`` (the last ``keep_checkpoints``, each written atomically) and
+``export`` (the EMA weights as ``model.safetensors`` plus ``model.json``, all that sampling needs).
+It reports through a ``TrainLogger`` (MLflow is wired in from outside) and never loads the text
+encoder; loading a model for inference goes through ``diffusion.artifacts`` and never imports
+this module.
+
+Under torchrun every process trains on its own part of the shards (``diffusion.train_data``)
+with DistributedDataParallel; rank 0 alone logs, writes checkpoints and exports, and every rank
+resumes from the same checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffusion import distributed
 from diffusion.artifacts import CHECKPOINT, build_denoiser, save_model
-from diffusion.config import TrainConfig, check_unet_fits, to_dict
-from diffusion.errors import ConfigError, MissingInputError, T2IError
-from diffusion.latents import LatentSpec, scale_latents
+from diffusion.config import TrainConfig, check_fits, to_dict
+from diffusion.distributed import Dist
+from diffusion.errors import ConfigError, T2IError
+from diffusion.latents import LatentSpec
 from diffusion.loss import diffusion_loss
 from diffusion.model import Cond, count_params
-from diffusion.shards import decode_sample, raw_samples
+from diffusion.precond import Denoiser
 from diffusion.text import EmbeddingTable, fingerprint_id, pick_device
-
+from diffusion.train_data import Batch, DataPosition, DataSpec, batch_loader
 
 
 class TrainLogger(Protocol):
@@ -49,118 +59,9 @@ class NullLogger:
 
 
 # --------------------------------------------------------------------------------------------
-# Data: a resumable, seeded stream over the shards
-
-
-@dataclass
-class DataPosition:
-    epoch: int = 0
-    offset: int = 0  # samples of this epoch already consumed
-
-
-class ShardStream:
-    """Endless stream of decoded samples ({key, image uint8 HxWx3, caption, meta}) from shards.
-
-    Epoch e visits the shards in an order seeded by (seed, e) and shuffles samples through a
-    buffer seeded the same way, so the stream is a pure function of (urls, seed) and a position
-    (epoch, offset) can be restored by replaying the epoch without decoding the skipped samples.
-    ``rank``/``world`` split shards between torch.distributed ranks (one shard list per node).
-    """
-
-    def __init__(self, urls: list[str], seed: int, shuffle_buffer: int, rank: int = 0, world: int = 1):
-        if not urls:
-            raise MissingInputError("no training shards given")
-        self.urls, self.seed, self.buffer = list(urls), seed, shuffle_buffer
-        self.rank, self.world = rank, world
-        self.position = DataPosition()
-
-    def _epoch(self, epoch: int) -> Iterator[dict]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        urls = self.urls[:]
-        rng.shuffle(urls)
-        urls = urls[self.rank::self.world] or urls  # fewer shards than ranks: every rank reads all
-        buf: list[dict] = []
-        for sample in raw_samples(urls):
-            buf.append(sample)
-            if len(buf) >= self.buffer:
-                j = rng.randrange(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
-
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            pos = self.position
-            got = 0
-            for i, raw in enumerate(self._epoch(pos.epoch)):
-                if i < pos.offset:
-                    continue
-                s = decode_sample(raw)
-                pos.offset = i + 1
-                got += 1
-                yield s
-            if got == 0 and pos.offset == 0:
-                raise MissingInputError(f"training shards hold no samples: {self.urls[:2]}...")
-            self.position = DataPosition(pos.epoch + 1, 0)
-
-
-def batches(stream: ShardStream, table: EmbeddingTable, batch_size: int,
-            latent: LatentSpec | None = None) -> Iterator[Batch]:
-    """Batches of (images (B, 3, H, W) float in [-1, 1], embedding rows (B,), stream position after it);
-    from latent shards (``latent`` given) the scaled posterior means and standard deviations."""
-    it = iter(stream)
-    while True:
-        xs, stds, rows = [], [], []
-        for _ in range(batch_size):
-            s = next(it)
-            if latent is None:
-                xs.append(s["image"])
-            else:
-                xs.append(s["mean"])
-                stds.append(s["std"])
-            rows.append(table.row(s["caption"]))
-        if latent is None:
-            x, std = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), None
-        else:
-            x, std = scale_latents(np.stack(xs), np.stack(stds), latent)
-        yield Batch(x, torch.tensor(rows, dtype=torch.long), dataclasses.replace(stream.position), std)
-
-
-@dataclass
-class Batch:
-    x0: torch.Tensor
-    rows: torch.Tensor
-    position: DataPosition  # where the stream stands after this batch (saved in checkpoints)
-    std: torch.Tensor | None = None  # latent batches: the posterior's std (x0 holds its mean)
-
-
-class BatchStream(torch.utils.data.IterableDataset):
-    """``batches`` as an IterableDataset, so a DataLoader worker process can produce them.
-
-    Tar parsing and PNG decoding then run beside the training step instead of between steps;
-    each batch carries its own stream position, so checkpoints stay exact.
-    """
-
-    def __init__(self, stream: ShardStream, table: EmbeddingTable, batch_size: int, latent: LatentSpec | None = None):
-        super().__init__()
-        self.stream, self.table, self.batch_size, self.latent = stream, table, batch_size, latent
-
-    def __iter__(self) -> Iterator[Batch]:
-        return batches(self.stream, self.table, self.batch_size, self.latent)
-
-
-def batch_loader(stream: ShardStream, table: EmbeddingTable, batch_size: int, workers: int,
-                 latent: LatentSpec | None = None) -> Iterator[Batch]:
-    if workers == 0:
-        return batches(stream, table, batch_size, latent)
-    loader = torch.utils.data.DataLoader(BatchStream(stream, table, batch_size, latent), batch_size=None,
-                                         num_workers=1, prefetch_factor=4, persistent_workers=False)
-    return iter(loader)
-
-
-# --------------------------------------------------------------------------------------------
 # Code identity and the schedule
+
+CODE_FILES = ("train.py", "train_data.py", "model.py", "dit.py", "precond.py", "loss.py", "schedules.py")
 
 
 def code_fingerprint() -> str:
@@ -170,8 +71,9 @@ def code_fingerprint() -> str:
 
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for name in ("train.py", "model.py", "precond.py", "loss.py", "schedules.py"):
-        h.update((here / name).read_bytes())
+    for name in CODE_FILES:
+        if (here / name).is_file():
+            h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -193,7 +95,86 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 # --------------------------------------------------------------------------------------------
-# The loop
+# State
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``train.precision`` asks for (None: float32). auto: bf16 on CUDA."""
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+@dataclass
+class TrainState:
+    cfg: TrainConfig
+    device: torch.device
+    dist: Dist
+    model: Denoiser  # the module whose weights are saved
+    forward: Callable  # what the loss calls: the model, wrapped by DDP and/or torch.compile
+    ema: Denoiser
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    gen: torch.Generator  # caption dropout and noise draws (on the CPU)
+    meta: dict
+    step: int = 0
+    positions: list[DataPosition] = field(default_factory=list)  # one per data worker
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def build_state(cfg: TrainConfig, table: EmbeddingTable, image_size: int, latent: LatentSpec | None,
+                device: torch.device, d: Dist) -> TrainState:
+    """A fresh model, EMA, optimizer and schedule on ``device`` (the same initial weights on every rank)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    text_dim, pooled_dim = table.tokens.shape[-1], table.pooled.shape[-1]
+    try:
+        if latent is None:
+            check_fits(cfg, image_size, "image size")
+        else:
+            check_fits(cfg, latent.size, f"latent size ({image_size}px / {image_size // latent.size})")
+    except ConfigError as e:
+        raise ConfigError(f"train.{cfg.denoiser} does not fit the data: {e}") from None
+    channels = 3 if latent is None else latent.channels
+    cuda = device.type == "cuda"
+    if cuda and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model = build_denoiser(cfg, text_dim, pooled_dim, in_channels=channels).to(device)
+    if cuda and cfg.channels_last and cfg.denoiser == "unet":
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                            **({"fused": True} if cuda else {}))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    forward: Callable = model
+    if d.active:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # every rank draws its own caption dropout and noise; rank 0 keeps the single-process stream
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * d.rank)
+    meta = {"train": to_dict(cfg), "code": code_fingerprint(), "text_dim": text_dim, "pooled_dim": pooled_dim,
+            "image_size": image_size, "text_fingerprint": table.fingerprint,
+            "text_fingerprint_id": fingerprint_id(table.fingerprint)}
+    if latent is not None:
+        meta["latents"] = latent.as_dict()
+    if d.active:
+        meta["world"] = d.world
+    return TrainState(cfg, device, d, model, forward, ema, opt, sched, scaler, amp_dtype, gen, meta,
+                      positions=[DataPosition() for _ in range(max(1, cfg.data_workers))])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
 
 
 def _rng_state(gen: torch.Generator) -> dict:
@@ -211,6 +192,203 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def older_checkpoints(out: Path) -> list[Path]:
+    """The kept checkpoints before the newest, oldest first."""
+    return sorted(out.glob("checkpoint-*.pt"))
+
+
+def resume(state: TrainState, out: Path) -> None:
+    """Continue from ``out``/checkpoint.pt when it was written with the same settings and code
+    (every rank reads the same file and takes its own data positions and random streams)."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["step"] >= state.cfg.steps:
+        if state.dist.main:
+            print(f"{path} is a finished run: training anew")
+        return
+    if ckpt["meta"] != state.meta:
+        if state.dist.main:
+            print(f"ignoring {path}: it was written with different settings")
+        return
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.sched.load_state_dict(ckpt["scheduler"])
+    if state.scaler is not None and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step = ckpt["step"]
+    state.positions = [DataPosition(**p) for p in ckpt["data"][state.dist.rank]]
+    _set_rng_state(ckpt["rng"][state.dist.rank], state.gen)
+    if state.dist.main:
+        print(f"resuming from {path} at step {state.step}")
+
+
+def save_checkpoint(state: TrainState, out: Path) -> None:
+    """Every rank hands in its data positions and random streams; rank 0 writes checkpoint.pt
+    atomically, first moving the previous one aside as checkpoint-<step>.pt and dropping all but
+    the newest ``keep_checkpoints``."""
+    data = distributed.gather([dataclasses.asdict(p) for p in state.positions], state.dist)
+    rng = distributed.gather(_rng_state(state.gen), state.dist)
+    if not state.dist.main:
+        return
+    path = out / CHECKPOINT
+    tmp = path.with_suffix(".tmp")
+    torch.save({"meta": state.meta, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+                "optimizer": state.opt.state_dict(), "scheduler": state.sched.state_dict(),
+                "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+                "step": state.step, "data": data, "rng": rng}, tmp)
+    if path.is_file() and state.cfg.keep_checkpoints > 1:
+        previous = torch.load(path, map_location="cpu", weights_only=True)["step"]
+        if previous < state.step:
+            path.replace(out / f"checkpoint-{previous:08d}.pt")
+    tmp.replace(path)  # atomic
+    keep_older = state.cfg.keep_checkpoints - 1
+    for old in older_checkpoints(out)[: max(0, len(older_checkpoints(out)) - keep_older)]:
+        old.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclass
+class TextTable:
+    """The caption embeddings on the training device, and the row of the empty caption."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    lengths: torch.Tensor
+    empty: int
+
+    @classmethod
+    def of(cls, table: EmbeddingTable, device: torch.device) -> "TextTable":
+        mask = table.mask.to(device)
+        return cls(table.tokens.to(device), mask, table.pooled.to(device), mask.sum(1).cpu(), table.empty_row)
+
+    def cond(self, rows: torch.Tensor) -> Cond:
+        """Rows (on the CPU) -> conditioning cut to the longest caption among them."""
+        length = int(self.lengths[rows].max())  # from a CPU tensor: no device sync
+        rows = rows.to(self.tokens.device, non_blocking=True)
+        return Cond(self.tokens[rows, :length].float(), self.mask[rows, :length], self.pooled[rows].float())
+
+
+def micro_loss(state: TrainState, batch: Batch, text: TextTable, posterior: bool) -> torch.Tensor:
+    """The loss of one micro-batch (caption dropout for guidance, a fresh latent draw), on the device."""
+    cfg, gen = state.cfg, state.gen
+    x0, rows = batch.x0, batch.rows
+    if posterior:  # a fresh draw of each image's latent distribution
+        x0 = x0 + batch.std * torch.randn(x0.shape, generator=gen)
+    drop = torch.rand(rows.shape, generator=gen) < cfg.cond_dropout  # classifier-free guidance
+    rows = torch.where(drop, torch.full_like(rows, text.empty), rows)
+    cond = text.cond(rows)
+    x0 = x0.to(state.device, non_blocking=True)
+    if state.device.type == "cuda" and cfg.channels_last and cfg.denoiser == "unet":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    with state.autocast():
+        return diffusion_loss(state.model, x0, cond, weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma,
+                              generator=gen if state.device.type == "cpu" else None, forward=state.forward).mean()
+
+
+def train_step(state: TrainState, micro_batches: list[Batch], text: TextTable, posterior: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, gradient norm), both left
+    on the device. Gradients are all-reduced once, on the last micro-batch."""
+    opt, n = state.opt, len(micro_batches)
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=state.device)
+    for i, batch in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if i == n - 1 or not state.dist.active else state.forward.no_sync()
+        with sync:
+            loss = micro_loss(state, batch, text, posterior) / n
+            (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
+        total += loss.detach()
+    if state.scaler is not None:
+        state.scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
+    if state.scaler is not None:
+        state.scaler.step(opt)  # skips the step when fp16 gradients overflowed
+        state.scaler.update()
+    else:
+        opt.step()
+    state.sched.step()
+    # EMA warms up so the average is not dominated by the random initialisation
+    ema_update(state.ema, state.model, min(state.cfg.ema_decay, (1 + state.step) / (10 + state.step)))
+    state.step += 1
+    state.positions[micro_batches[-1].worker] = micro_batches[-1].position
+    return total, grad_norm
+
+
+class Monitor:
+    """Loss, throughput, data waiting and the non-finite guard, accumulated on the device; read
+    (one sync) at logging intervals and before each checkpoint."""
+
+    def __init__(self, state: TrainState):
+        dev = state.device
+        self.state = state
+        self.loss_sum = torch.zeros((), device=dev)
+        self.n = 0
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite value
+        self.step_t = torch.full((), state.step, dtype=torch.long, device=dev)
+        self.check_grads = state.scaler is None  # fp16: the scaler skips overflowed steps itself
+        self.t_start = self.t_log = time.perf_counter()
+        self.seen = self.seen_log = 0
+        self.wait = 0.0
+        self.grad_norm = torch.zeros((), device=dev)
+
+    def fetch(self, data: Iterator[Batch]) -> Batch:
+        t0 = time.perf_counter()
+        batch = next(data)
+        self.wait += time.perf_counter() - t0
+        return batch
+
+    def record(self, loss: torch.Tensor, grad_norm: torch.Tensor, images: int) -> None:
+        self.step_t += 1
+        bad = ~torch.isfinite(loss)
+        if self.check_grads:
+            bad |= ~torch.isfinite(grad_norm)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step_t, self.first_bad)
+        self.loss_sum += loss
+        self.grad_norm = grad_norm.detach()
+        self.n += 1
+        self.seen += images * self.state.dist.world
+
+    def check(self, checkpoint: Path) -> None:
+        """Stop with the step of the first non-finite loss or gradient (on any rank)."""
+        first = self.first_bad.clone()
+        if self.state.dist.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        if int(first) >= 0:
+            kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.is_file() else "no checkpoint was written yet"
+            raise T2IError(f"training diverged: non-finite loss or gradient at step {int(first)}; {kept}. "
+                           "Lower train.lr or train.grad_clip, or try train.precision fp32")
+
+    def metrics(self) -> dict[str, float]:
+        now = time.perf_counter()
+        loss = distributed.all_mean(self.loss_sum / max(1, self.n), self.state.dist)
+        wall = now - self.t_log
+        out = {"loss": float(loss), "lr": self.state.sched.get_last_lr()[0], "grad_norm": float(self.grad_norm),
+               "img_per_s": self.seen / (now - self.t_start), "data_wait_fraction": self.wait / wall if wall > 0 else 0.0,
+               "epoch": self.state.positions[0].epoch}
+        self.loss_sum.zero_()
+        self.n, self.wait, self.t_log = 0, 0.0, now
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def export(state: TrainState, out: Path, summary: dict) -> None:
+    state.ema.eval()
+    save_model(state.ema, out, {**state.meta, "steps_done": state.step, "params": count_params(state.model.net),
+                                "device": state.device.type, **summary})
+
+
 def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_dir: str | Path, *,
           image_size: int, latent: LatentSpec | None = None, logger: TrainLogger | None = None, grid_fn=None,
           progress: bool = True) -> Path:
@@ -219,117 +397,50 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     ``shard_urls`` are image shards, or latent shards with ``latent`` saying which latent space
     (the latents stage); ``image_size`` is the side of the images the model produces.
     ``grid_fn(denoiser, step) -> PIL.Image`` may render a sample grid at the end for the logger.
-    Returns the directory holding model.safetensors and model.json.
+    Under torchrun, call it on every rank: rank 0 logs and writes. Returns the directory holding
+    model.safetensors and model.json.
     """
-    logger = logger or NullLogger()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    text_dim, pooled_dim = table.tokens.shape[-1], table.pooled.shape[-1]
-    try:
-        if latent is None:
-            check_unet_fits(cfg.unet, image_size, "image size")
-        else:
-            check_unet_fits(cfg.unet, latent.size, f"latent size ({image_size}px / {image_size // latent.size})")
-    except ConfigError as e:
-        raise ConfigError(f"train.unet does not fit the data: {e}") from None
-    channels = 3 if latent is None else latent.channels
+    d = distributed.setup(pick_device(cfg.device))
+    device = distributed.device_for(pick_device(cfg.device), d)
+    logger = logger if logger is not None and d.main else NullLogger()
+    state = build_state(cfg, table, image_size, latent, device, d)
+    resume(state, out)
+    logger.log_metrics({"params_millions": count_params(state.model.net) / 1e6}, state.step)
 
-    model = build_denoiser(cfg.unet, text_dim, pooled_dim, cfg, in_channels=channels).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    gen = torch.Generator().manual_seed(cfg.seed)  # caption dropout and noise draws (on CPU)
-    stream = ShardStream(shard_urls, cfg.seed, cfg.shuffle_buffer)
-    step = 0
-    run_meta = {"train": to_dict(cfg), "code": code_fingerprint(), "text_dim": text_dim, "pooled_dim": pooled_dim, "image_size": image_size,
-                "text_fingerprint": table.fingerprint, "text_fingerprint_id": fingerprint_id(table.fingerprint)}
-    if latent is not None:
-        run_meta["latents"] = latent.as_dict()
-
-    ckpt_path = out / CHECKPOINT
-    if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["step"] >= cfg.steps:
-            print(f"{ckpt_path} is a finished run: training anew")
-        elif ckpt["meta"] == run_meta:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            step = ckpt["step"]
-            stream.position = DataPosition(**ckpt["data"])
-            _set_rng_state(ckpt["rng"], gen)
-            print(f"resuming from {ckpt_path} at step {step}")
-        else:
-            print(f"ignoring {ckpt_path}: it was written with different settings")
-
-    n_params = count_params(model.net)
-    logger.log_metrics({"params_millions": n_params / 1e6}, step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    empty = table.empty_row
-    tokens, mask, pooled = table.tokens.to(device), table.mask.to(device), table.pooled.to(device)
-    lengths = mask.sum(1)
-
-    def save_checkpoint() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"meta": run_meta, "model": model.state_dict(), "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                    "data": dataclasses.asdict(position), "rng": _rng_state(gen)}, tmp)
-        tmp.replace(ckpt_path)  # atomic
-
-    data = batch_loader(stream, table, cfg.batch_size, cfg.data_workers, latent)
+    accum, per_forward = cfg.grad_accum, cfg.batch_size // (d.world * cfg.grad_accum)
+    spec = DataSpec(shard_urls, cfg.seed, cfg.shuffle_buffer, per_forward, d.rank, d.world, cfg.data_workers, latent)
+    data = batch_loader(spec, table, state.positions, pin_memory=device.type == "cuda")
+    text = TextTable.of(table, device)
     posterior = latent is not None and cfg.latent_sampling == "posterior"
-    position = stream.position
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress, mininterval=2.0)
-    t_start, seen, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
-    model.train()
-    while step < cfg.steps:
-        batch = next(data)
-        x0, rows, position = batch.x0, batch.rows, batch.position
-        if posterior:  # a fresh draw of each image's latent distribution
-            x0 = x0 + batch.std * torch.randn(x0.shape, generator=gen)
-        drop = torch.rand(rows.shape, generator=gen) < cfg.cond_dropout  # classifier-free guidance
-        rows = torch.where(drop, torch.full_like(rows, empty), rows).to(device)
-        length = int(lengths[rows].max())  # attend to the batch's longest caption, not the table's
-        cond = Cond(tokens[rows, :length].float(), mask[rows, :length], pooled[rows].float())
-        x0 = x0.to(device, non_blocking=True)
-        with autocast:
-            loss = diffusion_loss(model, x0, cond, weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma,
-                                  generator=gen if device.type == "cpu" else None).mean()
-        if not torch.isfinite(loss):
-            raise T2IError(f"training diverged at step {step} (loss {loss.item()}); lower train.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        # EMA warms up so the average is not dominated by the random initialisation
-        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        step += 1
-        seen += x0.shape[0]
-        loss_acc += loss.item()
-        n_acc += 1
+    monitor = Monitor(state)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not (progress and d.main),
+               mininterval=2.0)
+    state.model.train()
+    while state.step < cfg.steps:
+        micro = [monitor.fetch(data) for _ in range(accum)]
+        loss, grad_norm = train_step(state, micro, text, posterior)
+        monitor.record(loss, grad_norm, sum(b.x0.shape[0] for b in micro))
         bar.update(1)
+        step = state.step
         if step % cfg.log_every == 0 or step == cfg.steps:
-            elapsed = time.perf_counter() - t_start
-            metrics = {"loss": loss_acc / n_acc, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "img_per_s": seen / elapsed, "epoch": position.epoch}
+            monitor.check(out / CHECKPOINT)
+            metrics = monitor.metrics()
             logger.log_metrics(metrics, step)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-            loss_acc, n_acc = 0.0, 0
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            save_checkpoint()
+            monitor.check(out / CHECKPOINT)
+            save_checkpoint(state, out)
     bar.close()
-    elapsed = time.perf_counter() - t_start
-    summary = {"train_seconds": elapsed, "train_img_per_s": seen / elapsed if elapsed > 0 else 0.0}
-    logger.log_metrics(summary, step)
-    ema.eval()
-    save_model(ema, out, {**run_meta, "steps_done": step, "params": n_params, "device": device.type, **summary})
-    if grid_fn is not None:
-        logger.log_image(grid_fn(ema, step), "sample_grid.png")
+    elapsed = time.perf_counter() - monitor.t_start
+    summary = {"train_seconds": elapsed, "train_img_per_s": monitor.seen / elapsed if elapsed > 0 else 0.0}
+    if d.main:
+        logger.log_metrics(summary, state.step)
+        export(state, out, summary)
+        if grid_fn is not None:
+            logger.log_image(grid_fn(state.ema, state.step), "sample_grid.png")
+    distributed.teardown(d)
     return out

@@ -127,6 +127,31 @@ def _stage(name: str, *args: str) -> Callable:
     return run
 
 
+def _train(p, a):
+    """The train stage's flow; with train.nproc_per_node (or nnodes) above 1, first relaunched under
+    torchrun, one process per GPU. Rank 0 runs the Prefect flow (and logs); the others train only."""
+    from diffusion import distributed
+
+    t = p.train
+    if (t.nproc_per_node > 1 or t.nnodes > 1) and not distributed.launched():
+        import subprocess
+
+        cmd = distributed.torchrun_command(a.argv, t.nproc_per_node, t.nnodes, t.rdzv_endpoint, t.rdzv_id)
+        print("t2i train: " + " ".join(cmd[1:]), flush=True)
+        code = subprocess.run(cmd).returncode
+        if code:
+            raise T2IError(f"torchrun exited with code {code} (the ranks' errors are above)")
+        return
+    if distributed.launched() and int(os.environ.get("RANK", "0")) != 0:
+        from diffusion import stages
+
+        stages.train(p, a.shards, a.embeddings, a.out, progress=False, latents_dir=a.latents)
+        return
+    from flows.stages import train_stage_flow
+
+    train_stage_flow(p, a.shards, a.embeddings, a.out, a.latents)
+
+
 def _evaluate(p, a):
     from diffusion.artifacts import write_adherence_plot
     from flows.stages import evaluate_flow
@@ -211,7 +236,7 @@ COMMANDS: dict[str, Callable] = {
     "embed": _stage("embed", "shards", "out"),
     "judge": _stage("judge", "shards", "out", "metrics"),
     "latents": _stage("latents", "shards", "out"),
-    "train": _stage("train_stage", "shards", "embeddings", "out", "latents"),
+    "train": _train,
     "sample": _stage("sample", "shards", "model", "out"),
     "evaluate": _evaluate,
     "register": _stage("register", "model", "metrics", "out"),
@@ -249,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     # the temporary Prefect API would otherwise try to phone home (and log an error offline)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         _run(args)
     except T2IError as e:

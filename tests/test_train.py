@@ -11,7 +11,8 @@ from diffusion.generate import generate, table_cond
 from diffusion.shards import list_shards
 from diffusion.text import EmbeddingTable
 from diffusion.artifacts import load_model
-from diffusion.train import DataPosition, ShardStream, train
+from diffusion.train import train
+from diffusion.train_data import DataPosition, ShardStream
 
 
 class Recorder:
@@ -95,3 +96,81 @@ def test_generation_depends_on_seed_not_batch(tiny_params, tiny_shards, tiny_emb
         assert np.array_equal(together, alone)
     other_seed = generate(den, cond, uncond, [99, 11, 12, 13], 16, s)  # the stochastic SDE sampler
     assert not np.array_equal(other_seed[0], together[0]) and np.array_equal(other_seed[1:], together[1:])
+
+
+def test_non_finite_values_stop_the_run_naming_the_step_and_keep_the_last_good_checkpoint(
+        tiny_params, tiny_shards, tiny_embeddings, tmp_path):
+    """Captions whose embeddings hold NaN (real shards, a real table with some rows poisoned) make
+    the loss non-finite at the first step that draws one: the run stops there, naming the step,
+    before writing a checkpoint from poisoned weights; the checkpoint before it stays."""
+    import re
+
+    from diffusion.errors import T2IError
+
+    table = EmbeddingTable.load(tiny_embeddings)
+    cfg = replace(tiny_params.train, log_every=1, checkpoint_every=1, keep_checkpoints=1)
+    stream = iter(ShardStream(list_shards(tiny_shards / "train"), cfg.seed, cfg.shuffle_buffer))
+    third_batch = [next(stream)["caption"] for _ in range(3 * cfg.batch_size)][-cfg.batch_size:]
+    table.tokens[[table.row(c) for c in third_batch[:4]]] = float("nan")  # four captions of step 3
+    with pytest.raises(T2IError, match=r"non-finite loss or gradient at step (\d+); the last good checkpoint") as e:
+        train(cfg, list_shards(tiny_shards / "train"), table, tmp_path, image_size=16, progress=False)
+    bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    assert bad == 3
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == bad - 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_keeps_the_last_k_checkpoints(tiny_params, tiny_shards, tiny_embeddings, tmp_path):
+    cfg = replace(tiny_params.train, steps=12, checkpoint_every=2, keep_checkpoints=3)
+    train(cfg, list_shards(tiny_shards / "train"), EmbeddingTable.load(tiny_embeddings), tmp_path, image_size=16,
+          progress=False)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*")) == \
+        ["checkpoint-00000008.pt", "checkpoint-00000010.pt", "checkpoint.pt"]
+    steps = [torch.load(tmp_path / n, weights_only=True)["step"] for n in ("checkpoint-00000008.pt", "checkpoint.pt")]
+    assert steps == [8, 12] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_gradient_accumulation_is_the_mean_over_micro_batches(tiny_params, tiny_shards, tiny_embeddings):
+    """grad_accum 2: the gradient of one optimizer step is that of the mean loss of its two
+    micro-batches (each micro-batch's own caption dropout and noise draws, in order)."""
+    from diffusion.distributed import Dist
+    from diffusion.train import TextTable, build_state, micro_loss, train_step
+    from diffusion.train_data import DataSpec, batch_loader
+
+    table = EmbeddingTable.load(tiny_embeddings)
+    cfg = replace(tiny_params.train, grad_accum=2, grad_clip=1e9, data_workers=0)
+    state = build_state(cfg, table, 16, None, torch.device("cpu"), Dist())
+    spec = DataSpec(list_shards(tiny_shards / "train"), cfg.seed, cfg.shuffle_buffer, 8)
+    data = batch_loader(spec, table, state.positions)
+    micro = [next(data), next(data)]
+    text = TextTable.of(table, torch.device("cpu"))
+    gen_state = state.gen.get_state()
+    loss, _ = train_step(state, micro, text, False)
+    accumulated = [p.grad.clone() for p in state.model.parameters()]
+    # by hand, from the weights before the step: both micro-losses in one graph
+    fresh = build_state(cfg, table, 16, None, torch.device("cpu"), Dist())
+    fresh.gen.set_state(gen_state)
+    total = (micro_loss(fresh, micro[0], text, False) + micro_loss(fresh, micro[1], text, False)) / 2
+    total.backward()
+    assert torch.allclose(loss, total.detach(), rtol=1e-5)
+    for a, p in zip(accumulated, fresh.model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-7)
+    assert state.step == 1 and state.positions[0] == micro[1].position
+
+
+def test_the_transformer_denoiser_trains_exports_and_samples_behind_the_same_contract(
+        tiny_params, tiny_shards, tiny_embeddings, tmp_path):
+    from diffusion.config import DiTConfig
+
+    cfg = replace(tiny_params.train, denoiser="dit", dit=DiTConfig(width=32, depth=2, heads=2, patch=2), steps=4,
+                  checkpoint_every=2, lr=3e-4)
+    table = EmbeddingTable.load(tiny_embeddings)
+    rec = Recorder()
+    train(cfg, list_shards(tiny_shards / "train"), table, tmp_path, image_size=16, logger=rec, progress=False)
+    den, meta = load_model(tmp_path)
+    assert type(den.net).__name__ == "DiT" and meta["train"]["denoiser"] == "dit"
+    assert all(np.isfinite(m["loss"]) for _, m in rec.metrics if "loss" in m)
+    cond, uncond = table_cond(table, sorted(c for c in table.rows if c)[:2])
+    images = generate(den, cond, uncond, [0, 1], 16, SampleConfig(steps=3, batch_size=2))
+    assert images.shape == (2, 16, 16, 3)
