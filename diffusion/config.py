@@ -109,7 +109,8 @@ class IngestConfig:
     samples_per_shard: int = 5000  # input items per work unit; a unit writes one shard per split
     max_shard_bytes: int = 1_000_000_000  # a unit's shard rolls over to a new part beyond this
     workers: int = 2  # work units processed in parallel
-    task_runner: str = "threads"  # threads | processes (Prefect task runner of the ingest flow)
+    task_runner: str = "threads"  # threads | processes | dask (Prefect task runner of the ingest flow)
+    dask_address: Optional[str] = None  # dask: null = a LocalCluster of `workers` processes; else tcp://host:8786
     download: DownloadConfig = field(default_factory=DownloadConfig)
 
 
@@ -165,11 +166,24 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class DiTConfig:
+    """A transformer denoiser (diffusion.dit): patches of the image (or latent) as tokens, adaLN
+    conditioning on the timestep + pooled text, cross-attention to the caption tokens."""
+
+    width: int = 384
+    depth: int = 12
+    heads: int = 6
+    patch: int = 2
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    device: str = "auto"  # auto: CUDA with bf16 autocast when present, else CPU fp32
+    device: str = "auto"  # auto: CUDA when present, else the CPU
     steps: int = 2000
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: split over torchrun processes and gradient-accumulation steps
+    grad_accum: int = 1  # micro-batches per optimizer step (each batch_size / (processes * grad_accum))
     lr: float = 1.0e-3
     lr_schedule: str = "cosine"  # cosine | constant (both after linear warmup)
     warmup_steps: int = 200
@@ -189,11 +203,27 @@ class TrainConfig:
     # step (diffusers' training scripts); "mean" uses the mean
     latent_sampling: str = "posterior"
     shuffle_buffer: int = 2000
-    data_workers: int = 1  # 1: decode shards in a separate process beside the training step; 0: inline
+    data_workers: int = 1  # DataLoader processes decoding shards beside the training step (per process); 0: inline
     checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # checkpoint.pt (the newest) and the K-1 before it (checkpoint-<step>.pt)
     log_every: int = 50
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # the GPU path: auto = bf16 autocast on CUDA, fp32 on the CPU; fp16 trains with a grad scaler
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    tf32: bool = True  # CUDA: TF32 matmuls and convolutions
+    channels_last: bool = True  # CUDA: NHWC memory format for the UNet's convolutions
+    compile: bool = False  # torch.compile the network (minutes of compile; pays off on long GPU runs)
+    # torchrun: processes per node (GPUs) and nodes; several nodes meet at rdzv_endpoint (c10d)
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str = "127.0.0.1:29400"
+    rdzv_id: str = "t2i-train"
+    denoiser: str = "unet"  # unet | dit (diffusion.dit): the network behind the same denoiser contract
+    # custom: train.unet / train.dit as written; tiny (the default's 3.6M UNet) | small (~30M) | base
+    # (~110M): SIZE_PRESETS replaces both (any resolution that is a multiple of 16)
+    size: str = "custom"
     unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
 
 
 @dataclass(frozen=True)
@@ -217,6 +247,19 @@ class SampleConfig:
     batch_size: int = 256
     device: str = "auto"
     grid_size: int = 24  # images in the sample grid PNG
+
+
+# train.size: the networks of each size (parameters with the default 384-wide text tower)
+SIZE_PRESETS: dict[str, dict] = {
+    "tiny": {"unet": UNetConfig(),  # 3.6M
+             "dit": DiTConfig(width=192, depth=6, heads=3)},  # 5.8M
+    "small": {"unet": UNetConfig(channels=64, channel_mult=[1, 2, 3, 4], blocks_per_level=2, attn_levels=[1, 2, 3],
+                                 heads=4),  # 29.9M
+              "dit": DiTConfig(width=384, depth=8, heads=6)},  # 27.9M
+    "base": {"unet": UNetConfig(channels=128, channel_mult=[1, 2, 3, 4], blocks_per_level=2, attn_levels=[1, 2, 3],
+                                heads=8),  # 114M
+             "dit": DiTConfig(width=640, depth=12, heads=10)},  # 111M
+}
 
 
 # the keys of SampleConfig that decide an image (registered with a model, overridable per call)
@@ -330,10 +373,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ingest.image_format": ("png", "jpg", "webp"),
     "ingest.resize_mode": ("center_crop", "pad", "keep_ratio"),
     "ingest.caption_errors": ("replace", "reject"),
-    "ingest.task_runner": ("threads", "processes"),
+    "ingest.task_runner": ("threads", "processes", "dask"),
     "latents.dtype": ("auto", "float32", "float16", "bfloat16"),
     "latents.device": ("auto", "cpu", "cuda"),
     "train.latent_sampling": ("posterior", "mean"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.denoiser": ("unet", "dit"),
+    "train.size": ("custom", "tiny", "small", "base"),
     "embed.layer": ("auto", "last", "penultimate", "token_embedding"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.prediction": ("eps", "v"),
@@ -437,6 +483,9 @@ def parse_params(data: Any, source: str = "params") -> Params:
     """Build ``Params`` from an already-loaded mapping; errors are prefixed with ``source``."""
     try:
         params = _build(Params, data, "")
+        if params.train.size != "custom":  # a size preset replaces the networks' settings
+            preset = SIZE_PRESETS[params.train.size]
+            params = dataclasses.replace(params, train=dataclasses.replace(params.train, **preset))
         _validate(params)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -499,6 +548,8 @@ def _validate(p: Params) -> None:
         ("dataset.n_train", d.n_train), ("dataset.n_val", d.n_val),
         ("ingest.samples_per_shard", p.ingest.samples_per_shard),
         ("train.steps", p.train.steps), ("train.batch_size", p.train.batch_size),
+        ("train.grad_accum", p.train.grad_accum), ("train.keep_checkpoints", p.train.keep_checkpoints),
+        ("train.nproc_per_node", p.train.nproc_per_node), ("train.nnodes", p.train.nnodes),
         ("judge.steps", p.judge.steps), ("sample.steps", p.sample.steps),
         ("sample.per_combo", p.sample.per_combo), ("embed.batch_size", p.embed.batch_size),
         ("batch.batch_size", p.batch.batch_size), ("latents.batch_size", p.latents.batch_size),
@@ -520,6 +571,14 @@ def _validate(p: Params) -> None:
     for problem in sampler_problems(p.sample, t.timesteps):
         raise ConfigError(f"sample.{problem} (train.timesteps is {t.timesteps})" if "steps must" in problem
                           else f"sample.{problem}")
+    per_step = t.nproc_per_node * t.nnodes * t.grad_accum
+    if t.batch_size % per_step:
+        raise ConfigError(f"train.batch_size {t.batch_size} must divide by nproc_per_node x nnodes x grad_accum = {per_step}")
+    if t.data_workers < 0:
+        raise ConfigError(f"train.data_workers must be >= 0, got {t.data_workers}")
+    dit = t.dit
+    if dit.width % dit.heads or dit.width % 4 or dit.depth < 1 or dit.patch < 1:
+        raise ConfigError("train.dit: width must divide by heads and by 4 (2D positions), depth and patch must be >= 1")
     u = t.unet
     n_levels = len(u.channel_mult)
     if any(not 0 <= lvl < n_levels for lvl in u.attn_levels):
@@ -529,14 +588,20 @@ def _validate(p: Params) -> None:
     if not p.latents.vae:  # latent models: checked against the latent size the VAE gives (at train)
         size_key, size = ("dataset.image_size", d.image_size) if p.ingest.source == "builtin" else \
             ("ingest.image_size", p.ingest.image_size)
-        check_unet_fits(u, size, size_key)
+        check_fits(t, size, size_key)
     for mult in u.channel_mult:
         if (u.channels * mult) % u.heads or (u.channels * mult) % 8:
             raise ConfigError("train.unet: every level width must divide by heads and by 8 (GroupNorm)")
 
 
-def check_unet_fits(u: "UNetConfig", size: int, size_key: str) -> None:
-    """The UNet folds ``patch`` and halves the side at each level: ``size`` must allow it."""
+def check_fits(t: "TrainConfig", size: int, size_key: str) -> None:
+    """The denoiser must tile a ``size`` side: the UNet folds ``patch`` and halves the side at each
+    level; the DiT cuts ``patch`` x ``patch`` tokens."""
+    if t.denoiser == "dit":
+        if size % t.dit.patch:
+            raise ConfigError(f"{size_key} {size} must be divisible by train.dit.patch {t.dit.patch}")
+        return
+    u = t.unet
     levels = 2 ** (len(u.channel_mult) - 1)
     if size % u.patch or (size // u.patch) % levels:
         raise ConfigError(f"{size_key}/patch ({size}/{u.patch}) must be divisible by 2^(len(channel_mult)-1) = {levels}")

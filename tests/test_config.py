@@ -24,7 +24,7 @@ def test_shipped_params_load_and_spell_out_every_key():
 @pytest.mark.parametrize("preset", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
 def test_presets_spell_out_what_params_yaml_does_and_fit_their_data(preset):
     """A preset replaces params.yaml (cp preset params.yaml): every key DVC tracks must be there."""
-    from diffusion.config import check_unet_fits
+    from diffusion.config import check_fits
     from diffusion.model import UNet, count_params
 
     p = load_params(preset)
@@ -37,7 +37,7 @@ def test_presets_spell_out_what_params_yaml_does_and_fit_their_data(preset):
     assert keys(data) == keys(shipped)
     if preset.name == "photos-256.yaml":  # SD VAE: 8x downsampling, 4 latent channels
         assert p.latents.vae and p.ingest.image_size == 256 and p.embed.pretrained
-        check_unet_fits(p.train.unet, p.ingest.image_size // 8, "latent size")
+        check_fits(p.train, p.ingest.image_size // 8, "latent size")
         params = count_params(UNet(p.train.unet, text_dim=512, pooled_dim=512, in_channels=4))
         assert 80e6 < params < 200e6  # a model for one GPU
 
@@ -96,3 +96,24 @@ def test_cross_field_checks():
         parse_params({"train": {"unet": {"attn_levels": [5]}}})
     with pytest.raises(ConfigError, match="every combination"):
         parse_params({"dataset": {"holdout": [{"size": "small"}, {"size": "large"}]}})
+
+
+@pytest.mark.parametrize("size, low, high", [("tiny", 3e6, 7e6), ("small", 25e6, 35e6), ("base", 100e6, 130e6)])
+@pytest.mark.parametrize("denoiser", ["unet", "dit"])
+def test_size_presets_have_their_size_and_fit_every_resolution(size, low, high, denoiser):
+    import torch
+
+    from diffusion.artifacts import build_denoiser
+    from diffusion.config import check_fits
+    from diffusion.model import Cond, count_params
+
+    p = load_params(ROOT / "params.yaml", [f"train.size={size}", f"train.denoiser={denoiser}"])
+    with torch.device("meta"):  # counted without allocating the weights
+        den = build_denoiser(p.train, 384, 384)
+    assert low < count_params(den.net) < high
+    for side in (16, 32, 64, 128):
+        check_fits(p.train, side, "image size")
+    if size == "tiny":  # and it runs at a resolution other than the default
+        den = build_denoiser(p.train, 384, 384)
+        cond = Cond(torch.zeros(2, 5, 384), torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 384))
+        assert den(torch.randn(2, 3, 32, 32), torch.tensor([1.0, 5.0]), cond).shape == (2, 3, 32, 32)
