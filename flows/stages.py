@@ -6,12 +6,15 @@ reports to that server. ``dvc.yaml`` runs these through the ``t2i`` CLI.
 
 from __future__ import annotations
 
+import contextlib
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from diffusion import stages
-from diffusion.config import Params
+from diffusion.config import IngestConfig, Params
+from diffusion.errors import ConfigError
 from diffusion.ingest import process_unit
 
 
@@ -70,16 +73,60 @@ def ingest_flow(p: Params, out_dir: str) -> dict:
     return {k: stats[k] for k in ("accepted", "rejected_total", "rejected", "splits")}
 
 
-def run_ingest_flow(p: Params, out_dir: str) -> dict:
-    """ingest_flow on the task runner params.ingest asks for: threads or processes, ``workers`` wide.
+def ingest_task_runner(cfg: IngestConfig):
+    """The Prefect task runner params.ingest asks for: threads or processes, ``workers`` wide, or
+    Dask (``task_runner: dask``): the scheduler at ``dask_address``, or with it null a LocalCluster
+    of ``workers`` single-threaded worker processes on loopback, started and stopped with the run.
 
-    On a cluster, swap in prefect-dask's DaskTaskRunner or prefect-ray's RayTaskRunner here: the
-    units are plain picklable tasks and the committer stays in the flow.
+    Units are plain picklable tasks and the committer stays in the flow, so any runner gives the
+    same shards. Dask workers must see the source (a shared path or URLs); results come back to
+    the flow, which writes the shards.
     """
-    cfg = p.ingest
-    runner = (ProcessPoolTaskRunner(max_workers=cfg.workers) if cfg.task_runner == "processes"
-              else ThreadPoolTaskRunner(max_workers=cfg.workers))
-    return ingest_flow.with_options(task_runner=runner)(p, out_dir)
+    if cfg.dask_address and cfg.task_runner != "dask":
+        raise ConfigError(f"ingest.dask_address is set ({cfg.dask_address}) but ingest.task_runner is "
+                          f"{cfg.task_runner}: set ingest.task_runner=dask, or dask_address back to null")
+    if cfg.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as e:
+            raise ConfigError(f"ingest.task_runner=dask needs prefect-dask ({e}): pip install -e '.[cluster]'") from None
+        if cfg.dask_address:
+            return DaskTaskRunner(address=cfg.dask_address)
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1, "processes": True,
+                                              "host": "127.0.0.1", "dashboard_address": None})
+    if cfg.task_runner == "processes":
+        return ProcessPoolTaskRunner(max_workers=cfg.workers)
+    return ThreadPoolTaskRunner(max_workers=cfg.workers)
+
+
+@contextlib.contextmanager
+def _api_for_workers(cfg: IngestConfig):
+    """Dask workers and pool processes run each unit's Prefect task engine in their own processes
+    and report to the API named in the settings the task carries. Without PREFECT_API_URL the flow
+    would talk to a temporary server that only its own process knows, and every worker would start
+    another one (tens of seconds each, the task runs land there, and a killed worker leaves its
+    server behind): start that temporary server here and name it, so the workers report to the
+    flow's server. It listens on loopback, so a cluster on other hosts needs PREFECT_API_URL set
+    to a server they can reach."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    if cfg.task_runner == "threads" or PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one get_client would start; stopped at exit
+    server.start()
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
+
+
+def run_ingest_flow(p: Params, out_dir: str) -> dict:
+    """ingest_flow on the task runner params.ingest asks for (``ingest_task_runner``)."""
+    runner = ingest_task_runner(p.ingest)
+    with _api_for_workers(p.ingest):
+        return ingest_flow.with_options(task_runner=runner)(p, out_dir)
 
 
 @flow(name="stage-latents", log_prints=True)

@@ -197,7 +197,7 @@ def downloader_for(cfg):
 def settings_fingerprint(spec: SourceSpec) -> str:
     """Everything that changes what a unit's output is (not how fast it is made)."""
     cfg = dataclasses.asdict(spec.ingest)
-    for k in ("workers", "task_runner"):
+    for k in ("workers", "task_runner", "dask_address"):
         cfg.pop(k)
     cfg["download"].pop("concurrency")
     extra = dataclasses.asdict(spec.dataset) if spec.kind == "builtin" and spec.dataset else None
