@@ -612,6 +612,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=16, help="caption token slots (default: 16; 77 = CLIP's context)")
     ap.add_argument("--compile", action="store_true", help="torch.compile ours (train.compile)")
     ap.add_argument("--compile-diffusers", action="store_true", help="torch.compile the diffusers UNet too")
+    ap.add_argument("--diffusers-pixels", action="store_true",
+                    help="also time the diffusers UNet on the raw pixels (no 2x2 fold: how it is usually configured; "
+                         "the same levels, so its maps and attention run at twice our resolution)")
     ap.add_argument("--no-tf32", action="store_true", help="CUDA: leave TF32 off (default: on, as train.tf32)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
     ap.add_argument("--match-only", action="store_true", help="print the matched configs and stop (no timing)")
@@ -727,7 +730,7 @@ def main() -> int:
         plan = []
         if "unet" in arches:
             if unet_fits(unet, size):
-                plan += ["ours-unet", "diffusers-unet"]
+                plan += ["ours-unet", "diffusers-unet"] + (["diffusers-unet-pixels"] if args.diffusers_pixels else [])
             else:
                 notes.append(f"{size}px: the UNet (patch {unet.patch}, {len(unet.channel_mult)} levels) does not tile it")
         if dit_cfg is not None:
@@ -743,6 +746,10 @@ def main() -> int:
                 ours_opt = optimizer_kwargs(tr.opt)  # the diffusers UNet, timed next, gets the same
             elif name == "diffusers-unet":
                 tr = DiffusersTrainer(m, unet.patch, cfg, table, device, ours_opt, cuda and cfg.channels_last,
+                                      args.compile_diffusers)
+            elif name == "diffusers-unet-pixels":  # the same match, on 3 channels at full resolution
+                m_pix = match_diffusers(unet, ours_params, text_dim, pooled_dim, 3, cuda)
+                tr = DiffusersTrainer(m_pix, 1, cfg, table, device, ours_opt, cuda and cfg.channels_last,
                                       args.compile_diffusers)
             else:
                 tr = LoopTrainer(dataclasses.replace(cfg, denoiser="dit", dit=dit_cfg), table, size, device)
