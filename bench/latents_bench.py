@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -87,20 +88,32 @@ def main() -> int:
     ap.add_argument("--encode-batch", type=int, default=16)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (photos, shards, latents, models)")
     args = ap.parse_args()
 
-    import torch
     import yaml
-
-    from diffusion import stages
-    from diffusion.artifacts import model_meta, shard_urls
-    from diffusion.latents import latent_training_data
-    from diffusion.text import EmbeddingTable
-    from diffusion.train import train
-    from diffusion.config import parse_params, to_dict
 
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     tmp = Path(tempfile.mkdtemp(prefix="t2i-latents-bench-"))
+    try:
+        return run(args, base, tmp)
+    finally:  # about 0.5 GB of photos, shards, latents and models
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, base: dict, tmp: Path) -> int:
+    import torch
+
+    from diffusion import stages
+    from diffusion.artifacts import model_meta, shard_urls
+    from diffusion.config import parse_params, to_dict
+    from diffusion.latents import latent_training_data
+    from diffusion.text import EmbeddingTable
+    from diffusion.train import train
+
     results: dict = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                      "size": args.size, "encode": {}, "train": {}}
