@@ -121,6 +121,7 @@ class TrainState:
     meta: dict
     step: int = 0
     positions: list[DataPosition] = field(default_factory=list)  # one per data worker
+    checkpoint_step: int | None = None  # the step checkpoint.pt holds, when this run wrote or resumed it
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -218,7 +219,7 @@ def resume(state: TrainState, out: Path) -> None:
     state.sched.load_state_dict(ckpt["scheduler"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
-    state.step = ckpt["step"]
+    state.step = state.checkpoint_step = ckpt["step"]
     state.positions = [DataPosition(**p) for p in ckpt["data"][state.dist.rank]]
     _set_rng_state(ckpt["rng"][state.dist.rank], state.gen)
     if state.dist.main:
@@ -239,13 +240,13 @@ def save_checkpoint(state: TrainState, out: Path) -> None:
                 "optimizer": state.opt.state_dict(), "scheduler": state.sched.state_dict(),
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
                 "step": state.step, "data": data, "rng": rng}, tmp)
-    if path.is_file() and state.cfg.keep_checkpoints > 1:
-        previous = torch.load(path, map_location="cpu", weights_only=True)["step"]
-        if previous < state.step:
-            path.replace(out / f"checkpoint-{previous:08d}.pt")
+    previous = state.checkpoint_step
+    if previous is not None and previous < state.step and state.cfg.keep_checkpoints > 1 and path.is_file():
+        path.replace(out / f"checkpoint-{previous:08d}.pt")
     tmp.replace(path)  # atomic
-    keep_older = state.cfg.keep_checkpoints - 1
-    for old in older_checkpoints(out)[: max(0, len(older_checkpoints(out)) - keep_older)]:
+    state.checkpoint_step = state.step
+    older = older_checkpoints(out)
+    for old in older[: max(0, len(older) - (state.cfg.keep_checkpoints - 1))]:
         old.unlink()
 
 
