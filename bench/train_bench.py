@@ -6,7 +6,11 @@ parameters, plus the data loader against what training consumes, on this machine
     .venv/bin/python bench/train_bench.py --device cuda --preset 100m --sizes 64 --batch 128 --compile \\
         --out bench/results/train-gpu.json                                   # the whole GPU comparison
 
-The GPU command runs in a few minutes on one H100/H200 (torch.compile of our UNet is most of it).
+The GPU command runs in a few minutes on one H100/H200 (torch.compile of our UNet is most of it);
+``bash bench/gpu_check.sh`` runs it together with the train stage on CUDA (README, "Training at
+scale", has its figures on an H200). A model that fails (a compile error, out of memory) is
+reported in the notes and the others still run; with ``--out`` the rows timed so far are also
+written to ``<out>.partial.json`` after each model.
 
 What is measured, in one process, one model after the other:
 
@@ -27,9 +31,10 @@ What is measured, in one process, one model after the other:
      epsilon MSE (train.prediction eps, loss_weighting none are forced on both sides: the 100m
      preset's min-SNR weighting is off here). Same optimizer, clipping, EMA, channels_last, batches.
 2. FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one eager forward+backward of each
-   model at the timed batch (matmuls, convolutions and attention; attention is counted under the
-   math SDPA backend, because the CPU flash kernel has no FLOP formula; optimizer and
-   elementwise work are not counted). GFLOP/img = that / batch; TFLOP/s = FLOPs per step / mean
+   model (matmuls, convolutions and attention; attention is counted under the math SDPA backend,
+   because the CPU flash kernel has no FLOP formula; optimizer and elementwise work are not
+   counted), on the first 8 images of the timed batch and scaled to the whole batch (FLOPs are
+   linear in it; the math backend's attention matrices at batch 128 would not fit). GFLOP/img = that / batch; TFLOP/s = FLOPs per step / mean
    step time. On CUDA, MFU = TFLOP/s / the GPU's dense bf16 peak (H100 SXM and H200: 989
    TFLOP/s; ``--peak-tflops`` overrides; printed).
 3. The data loader alone: real WebDataset shards of the built-in dataset (``diffusion.ingest``,
@@ -435,12 +440,6 @@ class DiffusersTrainer:
         return loss.detach()
 
 
-def optimizer_kwargs(opt) -> dict:
-    """The AdamW settings of ``opt`` (ours), for the other side."""
-    d = opt.defaults
-    return {k: d[k] for k in ("lr", "betas", "eps", "weight_decay", "fused") if d.get(k) is not None}
-
-
 # --------------------------------------------------------------------------------------------
 # Measuring
 
@@ -452,17 +451,25 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+FLOP_BATCH = 8  # images the FLOPs are counted on (they are linear in the batch); >= the 4 full-length captions
+
+
 def count_flops(trainer, batch) -> int:
-    """FLOPs of one eager forward+backward (attention through the math backend, so it is counted)."""
+    """FLOPs of one eager forward+backward of ``batch`` (attention through the math backend, so it
+    is counted), counted on its first FLOP_BATCH images and scaled to the whole batch: the math
+    backend keeps every attention matrix for the backward pass, too much memory at full batch."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    n = batch.x0.shape[0]
+    k = min(n, FLOP_BATCH)
+    part = dataclasses.replace(batch, x0=batch.x0[:k], rows=batch.rows[:k])
     counter = FlopCounterMode(display=False)
     with sdpa_kernel([SDPBackend.MATH]), counter:
-        loss = trainer.eager_loss(batch)
+        loss = trainer.eager_loss(part)
         loss.backward()
     trainer.opt.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops() * n / k)
 
 
 def measure(name: str, trainer, batches: list, args, device) -> dict:
@@ -492,6 +499,26 @@ def measure(name: str, trainer, batches: list, args, device) -> dict:
     }
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def time_model(name: str, size: int, batches: list, args, device, cfg, table, m: dict, unet, ours_params: int,
+               text_dim: int, pooled_dim: int, dit_cfg, peak: float | None, cuda: bool) -> dict:
+    """Build one model's trainer, count its FLOPs and time its steps: one row of the table."""
+    if name in ("ours-unet", "ours-dit"):
+        tr = LoopTrainer(cfg if name == "ours-unet" else dataclasses.replace(cfg, denoiser="dit", dit=dit_cfg),
+                         table, size, device)
+    else:
+        from diffusion.train import adamw_kwargs
+
+        opt = adamw_kwargs(cfg, device)  # the settings the loop gives ours
+        match = m if name == "diffusers-unet" else match_diffusers(unet, ours_params, text_dim, pooled_dim, 3, cuda)
+        tr = DiffusersTrainer(match, unet.patch if name == "diffusers-unet" else 1, cfg, table, device, opt,
+                              cuda and cfg.channels_last, args.compile_diffusers)
+    log(f"{name} at {size}px: counting FLOPs, {args.warmup} warmup + {args.steps} timed steps")
+    row = {"size": size, **measure(name, tr, batches, args, device)}
+    if peak:
+        row["mfu"] = row["tflop_per_s"] / peak
     return row
 
 
@@ -741,27 +768,22 @@ def main() -> int:
         for name in plan:
             free(device)
             log(f"{name} at {size}px: building")
-            if name == "ours-unet":
-                tr = LoopTrainer(cfg, table, size, device)
-                ours_opt = optimizer_kwargs(tr.opt)  # the diffusers UNet, timed next, gets the same
-            elif name == "diffusers-unet":
-                tr = DiffusersTrainer(m, unet.patch, cfg, table, device, ours_opt, cuda and cfg.channels_last,
-                                      args.compile_diffusers)
-            elif name == "diffusers-unet-pixels":  # the same match, on 3 channels at full resolution
-                m_pix = match_diffusers(unet, ours_params, text_dim, pooled_dim, 3, cuda)
-                tr = DiffusersTrainer(m_pix, 1, cfg, table, device, ours_opt, cuda and cfg.channels_last,
-                                      args.compile_diffusers)
-            else:
-                tr = LoopTrainer(dataclasses.replace(cfg, denoiser="dit", dit=dit_cfg), table, size, device)
-            log(f"{name} at {size}px: counting FLOPs, {args.warmup} warmup + {args.steps} timed steps")
-            row = {"size": size, **measure(name, tr, batches, args, device)}
-            if peak:
-                row["mfu"] = row["tflop_per_s"] / peak
+            try:
+                row = time_model(name, size, batches, args, device, cfg, table, m, unet, ours_params, text_dim,
+                                 pooled_dim, dit_cfg, peak, cuda)
+            except Exception as e:  # one model failing (a compile error, out of memory) leaves the others' rows
+                log(f"{name} at {size}px FAILED: {type(e).__name__}: {e}")
+                notes.append(f"{name} at {size}px failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+                continue
             if not row["loss_finite"]:
                 notes.append(f"{name} at {size}px: the last loss was not finite")
             rows.append(row)
-            log(f"{name} at {size}px: {row['img_per_s']:.1f} img/s, {row['ms_per_step']:.1f} ms/step")
-            del tr
+            log(f"{name} at {size}px: {row['img_per_s']:.1f} img/s, {row['ms_per_step']:.1f} ms/step, "
+                f"{row['tflop_per_s']:.3g} TFLOP/s" + (f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") else ""))
+            if args.out:  # what is timed so far survives a later crash or a time limit
+                partial = Path(args.out).with_suffix(".partial.json")
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({"machine": machine, "rows": rows, "notes": notes}, indent=2) + "\n")
         ref = next((r for r in rows if r["size"] == size and r["model"] == "diffusers-unet"), None)
         for r in rows:
             if r["size"] == size and ref is not None:

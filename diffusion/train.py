@@ -105,6 +105,12 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
 
 
+def adamw_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
+    """The AdamW settings of the loop (the fused kernel on CUDA)."""
+    return {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.99),
+            **({"fused": True} if device.type == "cuda" else {})}
+
+
 @dataclass
 class TrainState:
     cfg: TrainConfig
@@ -151,8 +157,7 @@ def build_state(cfg: TrainConfig, table: EmbeddingTable, image_size: int, latent
     if cuda and cfg.channels_last and cfg.denoiser == "unet":
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
-                            **({"fused": True} if cuda else {}))
+    opt = torch.optim.AdamW(model.parameters(), **adamw_kwargs(cfg, device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     forward: Callable = model
     if d.active:
