@@ -117,3 +117,19 @@ def test_size_presets_have_their_size_and_fit_every_resolution(size, low, high, 
         den = build_denoiser(p.train, 384, 384)
         cond = Cond(torch.zeros(2, 5, 384), torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 384))
         assert den(torch.randn(2, 3, 32, 32), torch.tensor([1.0, 5.0]), cond).shape == (2, 3, 32, 32)
+
+
+def test_learning_rate_null_follows_the_size_and_a_number_overrides_it():
+    from diffusion.config import SIZE_LR, TrainConfig
+
+    # params.yaml leaves it null: the default (custom = the tiny UNet) keeps the seed's 1e-3
+    assert load_params(ROOT / "params.yaml").train.lr == 1e-3
+    for size in ("tiny", "small", "base"):
+        assert load_params(ROOT / "params.yaml", [f"train.size={size}"]).train.lr == SIZE_LR[size]
+    assert SIZE_LR["base"] < SIZE_LR["small"] < SIZE_LR["tiny"]  # bigger networks, smaller steps
+    assert load_params(ROOT / "params.yaml", ["train.size=base", "train.lr=0.0003"]).train.lr == 3e-4
+    assert TrainConfig(size="base").lr == SIZE_LR["base"] and TrainConfig(lr=0.01).lr == 0.01
+    with pytest.raises(ConfigError, match="train.lr must be a number"):
+        load_params(ROOT / "params.yaml", ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="train.lr must be > 0"):
+        load_params(ROOT / "params.yaml", ["train.lr=0"])
