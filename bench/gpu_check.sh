@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check of the training path, as one command (about 6 minutes on one H100/H200):
+# The whole GPU check of the training path, as one command (about 9 minutes on one H200):
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # default OUT_DIR: bench/results/gpu
 #
