@@ -107,6 +107,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_name  # noqa: E402
 
+from diffusion.model import count_params  # noqa: E402
+
 TOLERANCE = 0.10  # parameter counts must agree within this
 LOADER_GOAL = 10.0  # the loader must outrun training this many times
 # dense bf16 peaks (TFLOP/s) by device-name substring, first match wins
@@ -135,10 +137,6 @@ def text_dims(embed) -> tuple[int, int, str]:
     layer = resolve_layer(embed.layer, embed.pretrained)
     # token_embedding: pooled = mean of the word vectors (width); else the projected features (embed_dim)
     return width, (width if layer == "token_embedding" else int(cfg["embed_dim"])), layer
-
-
-def count_params(m) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def meta_params(build) -> int:

@@ -36,6 +36,12 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def launched_rank() -> int | None:
+    """This process's rank under torchrun, read from the environment before the process group
+    is joined (None without torchrun): rank 0 runs the stage's flow and logs, the others only train."""
+    return int(os.environ.get("RANK", "0")) if launched() else None
+
+
 def setup(device: torch.device) -> Dist:
     """Join the process group when launched by torchrun; returns who this process is."""
     if not launched():
@@ -66,11 +72,11 @@ def gather(obj: Any, d: Dist) -> list[Any]:
     return out
 
 
-def all_min(value: torch.Tensor, d: Dist) -> torch.Tensor:
+def all_max(value: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.active:
         import torch.distributed as dist
 
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value
 
 

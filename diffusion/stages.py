@@ -7,7 +7,6 @@ a notebook. Each checks its inputs first and raises one-line ``T2IError``s.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -99,10 +98,10 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
 
     from diffusion import distributed
 
-    if distributed.launched() and int(os.environ.get("RANK", "0")) != 0:
-        # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
+    rank = distributed.launched_rank()
+    if rank:  # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
         train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False)
-        return {"rank": int(os.environ["RANK"])}
+        return {"rank": rank}
     tracking.setup(p.mlflow)
     uri = tracking.tracking_uri(p.mlflow)
     with mlflow.start_run(run_name=f"train-{p.train.steps}steps") as run:

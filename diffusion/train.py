@@ -340,7 +340,7 @@ class Monitor:
         self.step_t = torch.full((), state.step, dtype=torch.long, device=dev)
         self.check_grads = state.scaler is None  # fp16: the scaler skips overflowed steps itself
         self.t_start = self.t_log = time.perf_counter()
-        self.seen = self.seen_log = 0
+        self.seen = 0
         self.wait = 0.0
         self.grad_norm = torch.zeros((), device=dev)
 
@@ -363,11 +363,7 @@ class Monitor:
 
     def check(self, checkpoint: Path) -> None:
         """Stop with the step of the first non-finite loss or gradient (on any rank)."""
-        first = self.first_bad.clone()
-        if self.state.dist.active:
-            import torch.distributed as dist
-
-            dist.all_reduce(first, op=dist.ReduceOp.MAX)
+        first = distributed.all_max(self.first_bad.clone(), self.state.dist)
         if int(first) >= 0:
             kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.is_file() else "no checkpoint was written yet"
             raise T2IError(f"training diverged: non-finite loss or gradient at step {int(first)}; {kept}. "
@@ -410,8 +406,9 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    d = distributed.setup(pick_device(cfg.device))
-    device = distributed.device_for(pick_device(cfg.device), d)
+    device = pick_device(cfg.device)
+    d = distributed.setup(device)
+    device = distributed.device_for(device, d)
     logger = logger if logger is not None and d.main else NullLogger()
     state = build_state(cfg, table, image_size, latent, device, d)
     resume(state, out)

@@ -142,7 +142,7 @@ def _train(p, a):
         if code:
             raise T2IError(f"torchrun exited with code {code} (the ranks' errors are above)")
         return
-    if distributed.launched() and int(os.environ.get("RANK", "0")) != 0:
+    if distributed.launched_rank():
         from diffusion import stages
 
         stages.train(p, a.shards, a.embeddings, a.out, progress=False, latents_dir=a.latents)
