@@ -163,6 +163,11 @@ class UNetConfig:
     heads: int = 4
     patch: int = 2  # space-to-depth fold before the first conv (2: 2x2 pixels -> 12 channels)
     dropout: float = 0.0
+    # blocks a level on the way up; null: blocks_per_level + 1 (ADM's UNet, diffusers' up blocks)
+    up_blocks: Optional[int] = None
+    # nearest_conv: nearest 2x, then a 3x3 conv (ADM, diffusers); conv_nearest: a 3x3 conv at the
+    # lower resolution to the next level's width, then nearest 2x (a quarter of the FLOPs or less)
+    upsample: str = "nearest_conv"
 
 
 @dataclass(frozen=True)
@@ -391,6 +396,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.latent_sampling": ("posterior", "mean"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.denoiser": ("unet", "dit"),
+    "train.unet.upsample": ("nearest_conv", "conv_nearest"),
     "train.size": ("custom", "tiny", "small", "base"),
     "embed.layer": ("auto", "last", "penultimate", "token_embedding"),
     "train.lr_schedule": ("cosine", "constant"),
@@ -597,6 +603,9 @@ def _validate(p: Params) -> None:
     n_levels = len(u.channel_mult)
     if any(not 0 <= lvl < n_levels for lvl in u.attn_levels):
         raise ConfigError(f"train.unet.attn_levels must index channel_mult (0..{n_levels - 1})")
+    if u.up_blocks is not None and not 1 <= u.up_blocks <= u.blocks_per_level + 1:
+        raise ConfigError(f"train.unet.up_blocks must be 1..blocks_per_level + 1 = {u.blocks_per_level + 1} "
+                          f"(or null), got {u.up_blocks}")
     if p.latents.scaling_factor is not None and p.latents.scaling_factor <= 0:
         raise ConfigError(f"latents.scaling_factor must be > 0 (or null), got {p.latents.scaling_factor}")
     if not p.latents.vae:  # latent models: checked against the latent size the VAE gives (at train)

@@ -65,7 +65,12 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 def group_norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, ch), ch)
+    """GroupNorm with gcd(32, ch) groups, or, where that would leave fewer than 3 channels a group
+    (32 or 64 channels), the most groups that leave at least 3."""
+    groups = math.gcd(32, ch)
+    if ch // groups < 3:
+        groups = max(g for g in range(1, ch // 3 + 1) if ch % g == 0)
+    return nn.GroupNorm(groups, ch)
 
 
 class ResBlock(nn.Module):
@@ -151,31 +156,34 @@ class UNet(nn.Module):
                 mods.append(TransformerBlock(c_out, text_dim, cfg.heads))
             return mods
 
+        self.up_blocks = cfg.blocks_per_level + 1 if cfg.up_blocks is None else cfg.up_blocks
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
-        skips = [widths[0]]
+        # the skips of each level: what enters it (the stem's or the downsample's output), then the
+        # output of each of its blocks; the way up takes the last up_blocks of them
+        skips: list[list[int]] = []
         c = widths[0]
         for lvl, w in enumerate(widths):
+            skips.append([c])
             for _ in range(cfg.blocks_per_level):
                 self.down.append(level_blocks(c, w, lvl))
                 c = w
-                skips.append(c)
+                skips[-1].append(c)
             if lvl < len(widths) - 1:
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                skips.append(c)
-        deepest = len(widths) - 1
         self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout), TransformerBlock(c, text_dim, cfg.heads),
                                   ResBlock(c, c, emb_dim, cfg.dropout)])
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for lvl in reversed(range(len(widths))):
-            for _ in range(cfg.blocks_per_level + 1):
-                self.up.append(level_blocks(c + skips.pop(), widths[lvl], lvl))
+            for _ in range(self.up_blocks):
+                self.up.append(level_blocks(c + skips[lvl].pop(), widths[lvl], lvl))
                 c = widths[lvl]
-            if lvl > 0:
-                self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
+            if lvl > 0:  # conv_nearest: the conv also narrows to the next level's width
+                c_up = widths[lvl - 1] if cfg.upsample == "conv_nearest" else c
+                self.upsample.append(nn.Conv2d(c, c_up, 3, padding=1))
+                c = c_up
         self.levels = len(widths)
-        self.deepest = deepest
         self.out_norm = group_norm(c)
         self.out = nn.Conv2d(c, in_channels * p * p, 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -186,26 +194,31 @@ class UNet(nn.Module):
         cond = Cond(self.ctx_norm(cond.tokens), cond.mask, cond.pooled)
         emb = self.time_mlp(timestep_embedding(c_noise, self.cfg.channels)) + self.pooled_proj(cond.pooled)
         h = self.stem(F.pixel_unshuffle(x, self.cfg.patch))  # (B, C*p*p, H/p, W/p) -> widths[0]
-        hs = [h]
+        hs: list[list[Tensor]] = []
         blocks = iter(self.down)
         for lvl in range(self.levels):
+            hs.append([h])
             for _ in range(self.cfg.blocks_per_level):
                 h = self._run(next(blocks), h, emb, cond)
-                hs.append(h)
+                hs[-1].append(h)
             if lvl < self.levels - 1:
                 h = self.downsample[lvl](h)
-                hs.append(h)
         h = self.mid[0](h, emb)
         h = self.mid[1](h, cond)
         h = self.mid[2](h, emb)
         blocks = iter(self.up)
         for i, lvl in enumerate(reversed(range(self.levels))):
-            for _ in range(self.cfg.blocks_per_level + 1):
-                h = self._run(next(blocks), torch.cat([h, hs.pop()], dim=1), emb, cond)
+            for _ in range(self.up_blocks):
+                h = self._run(next(blocks), torch.cat([h, hs[lvl].pop()], dim=1), emb, cond)
             if lvl > 0:
-                h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+                h = self._upsample(self.upsample[i], h)
         h = self.out(F.silu(self.out_norm(h)))
         return F.pixel_shuffle(h, self.cfg.patch)  # back to (B, C, H, W)
+
+    def _upsample(self, conv: nn.Conv2d, h: Tensor) -> Tensor:
+        if self.cfg.upsample == "conv_nearest":
+            return F.interpolate(conv(h), scale_factor=2.0, mode="nearest")
+        return conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
 
     @staticmethod
     def _run(mods: nn.ModuleList, h: Tensor, emb: Tensor, cond: Cond) -> Tensor:

@@ -94,6 +94,10 @@ def test_cross_field_checks():
         parse_params({"sample": {"steps": 2000}})
     with pytest.raises(ConfigError, match="attn_levels"):
         parse_params({"train": {"unet": {"attn_levels": [5]}}})
+    with pytest.raises(ConfigError, match="up_blocks must be 1..blocks_per_level"):
+        parse_params({"train": {"unet": {"up_blocks": 3, "blocks_per_level": 1}}})
+    with pytest.raises(ConfigError, match="train.unet.upsample must be one of"):
+        parse_params({"train": {"unet": {"upsample": "bilinear"}}})
     with pytest.raises(ConfigError, match="every combination"):
         parse_params({"dataset": {"holdout": [{"size": "small"}, {"size": "large"}]}})
 

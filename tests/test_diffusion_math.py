@@ -178,6 +178,37 @@ def cond(b, length=3):
     return Cond(torch.randn(b, length, 8), torch.ones(b, length, dtype=torch.bool), torch.randn(b, 8))
 
 
+def test_unet_up_path_options_keep_the_shapes_and_cut_the_flops():
+    """up_blocks and a conv_nearest upsampler change the cost, not the contract (B, C, H, W) in and
+    out; each option counts fewer FLOPs than ADM's layout and the unused skips are not built."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffusion.model import group_norm
+
+    x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0]), cond(2)
+    flops = {}
+    for up_blocks, upsample in [(None, "nearest_conv"), (1, "nearest_conv"), (None, "conv_nearest"), (1, "conv_nearest")]:
+        torch.manual_seed(0)
+        net = UNet(UNetConfig(channels=16, channel_mult=[1, 2, 2], attn_levels=[1], heads=2, up_blocks=up_blocks,
+                              upsample=upsample), text_dim=8, pooled_dim=8)
+        assert len(net.up) == 3 * (2 if up_blocks is None else up_blocks)
+        for m in net.modules():  # a non-trivial output: the zero-initialised layers made random
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+                torch.nn.init.normal_(m.weight, std=0.1)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = net(x, t, c)
+        assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().mean() > 0
+        out.square().mean().backward()
+        assert all(p.grad is not None for p in net.parameters()), "a module the forward never uses"
+        flops[up_blocks, upsample] = counter.get_total_flops()
+    base = flops[None, "nearest_conv"]
+    assert flops[1, "nearest_conv"] < base and flops[None, "conv_nearest"] < base
+    assert flops[1, "conv_nearest"] < min(flops[1, "nearest_conv"], flops[None, "conv_nearest"])
+    # GroupNorm keeps >= 3 channels a group where gcd(32, ch) would not (32 -> 8 groups, not 32)
+    assert [group_norm(ch).num_groups for ch in (12, 32, 48, 64, 96, 256)] == [4, 8, 16, 16, 32, 32]
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_precond_identities(prediction):
     d = tiny_denoiser(prediction)
