@@ -22,7 +22,7 @@ What is measured, in one process, one model after the other:
    caption dropout (train.cond_dropout) on the table rows, the conditioning cut to the batch's
    longest caption, the loss under the loop's autocast (bf16 on CUDA, fp32 on the CPU),
    backward, gradient clipping (train.grad_clip), AdamW (train.lr, weight_decay, betas (0.9,
-   0.99), fused on CUDA), the LR schedule and the EMA update; no per-step host sync.
+   0.99), fused), the LR schedule and the EMA update; no per-step host sync.
    - ours: ``diffusion.train.build_state`` + ``train_step`` themselves (the loop's own code:
      ``diffusion.precond.Denoiser`` + ``diffusion.loss.diffusion_loss``, channels_last, compile).
    - diffusers: the equivalent step of diffusers' training scripts: t ~ U{0..T-1}, noise,
@@ -520,6 +520,33 @@ def time_model(name: str, size: int, batches: list, args, device, cfg, table, m:
     return row
 
 
+def bench_optimizer(unet, text_dim: int, pooled_dim: int, opt_kwargs: dict, device, steps: int = 20) -> dict:
+    """One AdamW step on our UNet's parameters (random gradients): the loop's settings (fused)
+    against PyTorch's default implementation on this device (the per-tensor loop on the CPU)."""
+    import torch
+
+    from diffusion.model import UNet
+
+    torch.manual_seed(0)
+    params = list(UNet(unet, text_dim=text_dim, pooled_dim=pooled_dim).to(device).parameters())
+    for q in params:
+        q.grad = torch.randn_like(q)
+    base = {k: v for k, v in opt_kwargs.items() if k not in ("fused", "foreach")}
+    out = {"tensors": len(params)}
+    for name, kw in (("loop_settings", opt_kwargs), ("torch_default", base)):
+        opt = torch.optim.AdamW(params, **kw)
+        for _ in range(3):
+            opt.step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.step()
+        sync(device)
+        out[name + "_ms"] = 1e3 * (time.perf_counter() - t0) / steps
+    out["settings"] = {k: v for k, v in opt_kwargs.items() if k in ("fused", "foreach")}
+    return out
+
+
 def free(device) -> None:
     import torch
 
@@ -715,7 +742,7 @@ def main() -> int:
     print(f"text: {p.embed.model} ({layer}): tokens {args.tokens} x {text_dim} with a mask, pooled {pooled_dim} "
           f"(random, float16 table, 8-{args.tokens} real tokens a caption)")
     print(f"ours:      UNet channels {unet.channels} x {unet.channel_mult}, {unet.blocks_per_level} block(s) a level "
-          f"(+1 up), attention at levels {unet.attn_levels} + mid, {unet.heads} heads (dims {m['ours_head_dims']}), "
+          f"({unet.blocks_per_level + 1 if unet.up_blocks is None else unet.up_blocks} up, upsample {unet.upsample}), attention at levels {unet.attn_levels} + mid, {unet.heads} heads (dims {m['ours_head_dims']}), "
           f"patch {unet.patch}: {ours_params:,} params")
     print(f"diffusers: UNet2DConditionModel block_out_channels {kw['block_out_channels']}, layers_per_block "
           f"{kw['layers_per_block']}, down {kw['down_block_types']}, up {kw['up_block_types']}, {m['heads']} heads "
@@ -734,6 +761,9 @@ def main() -> int:
                 "ours_unet": {**dataclasses.asdict(unet), "params": ours_params},
                 "diffusers_unet": {"kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
                                    "params": m["params"], "ratio_to_ours": m["ratio"], "fold": unet.patch}}
+    if unet.up_blocks not in (None, unet.blocks_per_level + 1) or unet.upsample != "nearest_conv":
+        notes.append(f"ours has up_blocks {unet.up_blocks} and upsample {unet.upsample}; diffusers' up path always has "
+                     f"layers_per_block + 1 = {unet.blocks_per_level + 1} blocks a level and upsamples nearest, then conv")
     dit_cfg = None
     if "dit" in arches:
         dit_cfg, dit_params = match_dit(t.dit, ours_params, text_dim, pooled_dim, 3, cuda)
@@ -810,6 +840,10 @@ def main() -> int:
             loader["ratio"] = loader["img_per_s"] / ours["img_per_s"]
             loader["meets_goal"] = loader["ratio"] >= LOADER_GOAL
 
+    from diffusion.train import adamw_kwargs
+
+    optim = bench_optimizer(unet, text_dim, pooled_dim, adamw_kwargs(cfg, device), device)
+
     # ---- report
     print()
     print(f"{machine['cpu']} | torch {torch.__version__} | {machine['threads']} threads | {dev_name}"
@@ -830,13 +864,15 @@ def main() -> int:
                   f"{loader['train_img_per_s']:.1f} img/s = {loader['ratio']:.1f}x ({verdict} the {LOADER_GOAL:g}x goal)")
         else:
             print(f"  (no model of ours timed at {loader['size']}px: no ratio)")
+    print(f"\nAdamW step on ours-unet's {optim['tensors']} tensors: {optim['loop_settings_ms']:.1f} ms with the loop's "
+          f"settings {optim['settings'] or '(none)'}, {optim['torch_default_ms']:.1f} ms with PyTorch's default")
     for n in notes:
         print(f"note: {n}")
     report = {"machine": machine, "args": vars(args), "preset": args.preset, "params_file": str(params_file.relative_to(ROOT)),
               "batch": batch, "train": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip,
                                         "ema_decay": cfg.ema_decay, "cond_dropout": cfg.cond_dropout,
                                         "timesteps": cfg.timesteps, "autocast": str(autocast_dtype(cfg, device))},
-              "matching": matching, "rows": rows, "loader": loader, "notes": notes}
+              "matching": matching, "rows": rows, "loader": loader, "optimizer": optim, "notes": notes}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

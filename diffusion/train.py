@@ -106,9 +106,11 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 def adamw_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
-    """The AdamW settings of the loop (the fused kernel on CUDA)."""
+    """The AdamW settings of the loop: the fused kernel, on CUDA and on the CPU (there one step of
+    the default UNet's 286 tensors takes 7 ms fused against 30 ms in PyTorch's per-tensor loop,
+    about a tenth of a training step; ``bench/train_bench.py`` times both)."""
     return {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.99),
-            **({"fused": True} if device.type == "cuda" else {})}
+            **({"fused": True} if device.type in ("cuda", "cpu") else {})}
 
 
 @dataclass
