@@ -742,7 +742,7 @@ def main() -> int:
     print(f"text: {p.embed.model} ({layer}): tokens {args.tokens} x {text_dim} with a mask, pooled {pooled_dim} "
           f"(random, float16 table, 8-{args.tokens} real tokens a caption)")
     print(f"ours:      UNet channels {unet.channels} x {unet.channel_mult}, {unet.blocks_per_level} block(s) a level "
-          f"({unet.blocks_per_level + 1 if unet.up_blocks is None else unet.up_blocks} up, upsample {unet.upsample}), attention at levels {unet.attn_levels} + mid, {unet.heads} heads (dims {m['ours_head_dims']}), "
+          f"({unet.blocks_up} up, upsample {unet.upsample}), attention at levels {unet.attn_levels} + mid, {unet.heads} heads (dims {m['ours_head_dims']}), "
           f"patch {unet.patch}: {ours_params:,} params")
     print(f"diffusers: UNet2DConditionModel block_out_channels {kw['block_out_channels']}, layers_per_block "
           f"{kw['layers_per_block']}, down {kw['down_block_types']}, up {kw['up_block_types']}, {m['heads']} heads "
@@ -761,7 +761,7 @@ def main() -> int:
                 "ours_unet": {**dataclasses.asdict(unet), "params": ours_params},
                 "diffusers_unet": {"kwargs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()},
                                    "params": m["params"], "ratio_to_ours": m["ratio"], "fold": unet.patch}}
-    if unet.up_blocks not in (None, unet.blocks_per_level + 1) or unet.upsample != "nearest_conv":
+    if unet.blocks_up != unet.blocks_per_level + 1 or unet.upsample != "nearest_conv":
         notes.append(f"ours has up_blocks {unet.up_blocks} and upsample {unet.upsample}; diffusers' up path always has "
                      f"layers_per_block + 1 = {unet.blocks_per_level + 1} blocks a level and upsamples nearest, then conv")
     dit_cfg = None

@@ -169,6 +169,11 @@ class UNetConfig:
     # lower resolution to the next level's width, then nearest 2x (a quarter of the FLOPs or less)
     upsample: str = "nearest_conv"
 
+    @property
+    def blocks_up(self) -> int:
+        """Blocks a level on the way up, ``up_blocks`` resolved (null: blocks_per_level + 1)."""
+        return self.blocks_per_level + 1 if self.up_blocks is None else self.up_blocks
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -603,7 +608,7 @@ def _validate(p: Params) -> None:
     n_levels = len(u.channel_mult)
     if any(not 0 <= lvl < n_levels for lvl in u.attn_levels):
         raise ConfigError(f"train.unet.attn_levels must index channel_mult (0..{n_levels - 1})")
-    if u.up_blocks is not None and not 1 <= u.up_blocks <= u.blocks_per_level + 1:
+    if not 1 <= u.blocks_up <= u.blocks_per_level + 1:
         raise ConfigError(f"train.unet.up_blocks must be 1..blocks_per_level + 1 = {u.blocks_per_level + 1} "
                           f"(or null), got {u.up_blocks}")
     if p.latents.scaling_factor is not None and p.latents.scaling_factor <= 0:

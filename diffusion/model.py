@@ -156,11 +156,10 @@ class UNet(nn.Module):
                 mods.append(TransformerBlock(c_out, text_dim, cfg.heads))
             return mods
 
-        self.up_blocks = cfg.blocks_per_level + 1 if cfg.up_blocks is None else cfg.up_blocks
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
         # the skips of each level: what enters it (the stem's or the downsample's output), then the
-        # output of each of its blocks; the way up takes the last up_blocks of them
+        # output of each of its blocks; the way up takes the last cfg.blocks_up of them
         skips: list[list[int]] = []
         c = widths[0]
         for lvl, w in enumerate(widths):
@@ -176,7 +175,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for lvl in reversed(range(len(widths))):
-            for _ in range(self.up_blocks):
+            for _ in range(self.cfg.blocks_up):
                 self.up.append(level_blocks(c + skips[lvl].pop(), widths[lvl], lvl))
                 c = widths[lvl]
             if lvl > 0:  # conv_nearest: the conv also narrows to the next level's width
@@ -208,7 +207,7 @@ class UNet(nn.Module):
         h = self.mid[2](h, emb)
         blocks = iter(self.up)
         for i, lvl in enumerate(reversed(range(self.levels))):
-            for _ in range(self.up_blocks):
+            for _ in range(self.cfg.blocks_up):
                 h = self._run(next(blocks), torch.cat([h, hs[lvl].pop()], dim=1), emb, cond)
             if lvl > 0:
                 h = self._upsample(self.upsample[i], h)
