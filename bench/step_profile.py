@@ -1,0 +1,262 @@
+"""Where one training step's time goes: a profile of the loop's own step for one or more configs.
+
+    python bench/step_profile.py --device cuda --size 64 --batch 128 \\
+        --variant unet=train.unet.patch=2 \\
+        --variant unet-no-autotune=train.unet.patch=2,train.cudnn_benchmark=false \\
+        --variant dit-p4=train.denoiser=dit,train.dit.patch=4,train.dit.width=768,train.dit.heads=12 \\
+        --profile
+
+Each variant is the params file (default ``params/photos-256.yaml``, the ~110M networks) with
+``-s``-style overrides (``train.KEY=VALUE``, comma-separated). It builds the model through the loop's own
+``build_state`` and times ``train_step`` (caption dropout, autocast, loss, backward, clipping,
+fused AdamW, schedule, EMA) on synthetic batches (bench/train_bench.py's), then splits the step:
+
+- ``fwd``: the loss alone under ``no_grad``; ``fwd+bwd``: the loss and its backward;
+  ``step``: the whole ``train_step``. All in milliseconds, synchronised, median of the timed steps.
+- GFLOP per image (forward + backward, torch's FLOP counter on the eager module), achieved
+  TFLOP/s and, on CUDA, MFU against the dense bf16 peak (bench/train_bench.py's table).
+- ``--profile``: torch.profiler over a few steps: the kernel time per step and how busy it keeps
+  the device (kernel time / the timed step, and / the profiled wall; well below 1 means the host
+  launching work, not the GPU, sets the pace; the profiler itself slows the host, so the first
+  figure is the fairer one), the kernel time by kind
+  (convolution, matmul, attention, norm, elementwise, optimizer/EMA, layout copies, compiled
+  triton kernels) and the top kernels.
+
+Prints one block per variant and a summary table; ``--out`` also writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import cpu_name  # noqa: E402
+from train_bench import (LoopTrainer, count_flops, free, make_batches, peak_tflops, sync,  # noqa: E402
+                         synthetic_table, text_dims)
+
+from diffusion.model import count_params  # noqa: E402
+
+# kernel-name substrings -> kind, first match wins (cuDNN, cuBLAS(Lt), flash/efficient attention,
+# ATen's norm, elementwise and foreach kernels, inductor's triton kernels)
+KINDS = [("attention", ("sdpa", "flash", "fmha", "attention", "efficient", "attn")),
+         ("conv", ("fprop", "dgrad", "wgrad", "conv", "implicit_gemm")),
+         ("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "splitk", "aten::mm", "aten::addmm",
+                     "aten::bmm")),
+         ("optimizer/ema", ("adam", "multi_tensor", "foreach", "lerp", "clip", "vector_norm")),
+         ("norm", ("group_norm", "groupnorm", "layer_norm", "layernorm", "rowwisemoments", "computefused",
+                   "computeinternalgradients", "gammabetabackward", "welford", "norm")),
+         ("layout/copy", ("nchwtonhwc", "nhwctonchw", "copy", "transpose", "catarray", "cat_", "memcpy", "memset")),
+         ("triton (compiled)", ("triton",)),
+         ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "unrolled", "index", "scatter", "gather"))]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "other"
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME=k=v,k=v`` -> (name, params overrides)."""
+    name, _, spec = text.partition("=")
+    if not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME=KEY=VALUE,...")
+    overrides = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if "=" not in item:
+            raise SystemExit(f"--variant {name}: {item!r} is not KEY=VALUE")
+        overrides.append(item)
+    return name, overrides
+
+
+def timed(fn, device, n: int) -> float:
+    """Median milliseconds of ``fn`` over ``n`` synchronised calls."""
+    out = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(out)
+
+
+def profile_steps(trainer, batches: list, device, steps: int, top: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            trainer.step(batches[i % len(batches)])
+        sync(device)
+        wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    if device.type == "cuda":
+        for e in prof.events():
+            # kernels only: record_function ranges (Optimizer.step#...) also show on the GPU timeline
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+                kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e3  # ms
+    else:  # the CPU: self time of the leaf operators
+        for e in prof.key_averages():
+            kernels[e.key] = e.self_cpu_time_total / 1e3
+    busy = sum(kernels.values())
+    by_kind: dict[str, float] = {}
+    for name, ms in kernels.items():
+        by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + ms
+    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps, "kernel_ms_per_step": busy / steps,
+            "busy_fraction": busy / (1e3 * wall) if wall else None,
+            "by_kind_ms_per_step": {k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:140], "kind": kind_of(n), "ms_per_step": ms / steps}
+                    for n, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]]}
+
+
+def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
+    import torch
+
+    from diffusion.config import load_params
+    from diffusion.train import micro_loss
+
+    p = load_params(ROOT / args.params, overrides)
+    cfg = dataclasses.replace(p.train, batch_size=args.batch, grad_accum=1, nproc_per_node=1, nnodes=1,
+                              seed=args.seed)
+    text_dim, pooled_dim, _ = text_dims(p.embed)
+    table = synthetic_table(1024, args.tokens, text_dim, pooled_dim, args.seed, {"synthetic": True})
+    batches = make_batches(4, args.batch, args.size, 1024, args.seed, pin=device.type == "cuda")
+    free(device)
+    t0 = time.perf_counter()
+    tr = LoopTrainer(cfg, table, args.size, device)
+    row = {"variant": name, "overrides": overrides, "cudnn_benchmark": torch.backends.cudnn.benchmark, "denoiser": cfg.denoiser,
+           "params": count_params(tr.net), "size": args.size, "batch": args.batch, "compiled": cfg.compile,
+           "net": dataclasses.asdict(cfg.dit if cfg.denoiser == "dit" else cfg.unet)}
+    flops = count_flops(tr, batches[0])
+    row["gflop_per_img"] = flops / args.batch / 1e9
+    for i in range(args.warmup):  # compile, cuDNN autotuning, allocator warm-up
+        tr.step(batches[i % len(batches)])
+    sync(device)
+    row["setup_s"] = time.perf_counter() - t0
+    it = iter(range(10**9))
+
+    def step():
+        tr.step(batches[next(it) % len(batches)])
+
+    def fwd():
+        with torch.no_grad():
+            micro_loss(tr.state, batches[next(it) % len(batches)], tr.text, False)
+
+    def fwd_bwd():
+        micro_loss(tr.state, batches[next(it) % len(batches)], tr.text, False).backward()
+        tr.opt.zero_grad(set_to_none=True)
+
+    row["step_ms"] = timed(step, device, args.steps)
+    row["fwd_ms"] = timed(fwd, device, args.steps)
+    row["fwd_bwd_ms"] = timed(fwd_bwd, device, args.steps)
+    # back-to-back steps without a sync between them (what training does): the throughput figure
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    row["img_per_s"] = args.batch * args.steps / (time.perf_counter() - t0)
+    row["tflop_per_s"] = flops * row["img_per_s"] / args.batch / 1e12
+    if peak:
+        row["mfu"] = row["tflop_per_s"] / peak
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:
+        row["profile"] = prof = profile_steps(tr, batches, device, args.profile_steps, args.top)
+        # the profiler slows the host; kernel time over the unprofiled step is the fairer busy figure
+        prof["busy_of_timed_step"] = prof["kernel_ms_per_step"] / row["step_ms"]
+    return row
+
+
+def print_row(r: dict) -> None:
+    mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    print(f"\n== {r['variant']}: {r['denoiser']} {r['params'] / 1e6:.2f}M params{' (compiled)' if r['compiled'] else ''}, "
+          f"{r['size']}px, batch {r['batch']}, cudnn.benchmark {r['cudnn_benchmark']}, overrides {r['overrides']}")
+    print(f"   {r['img_per_s']:.1f} img/s, {r['gflop_per_img']:.1f} GFLOP/img, {r['tflop_per_s']:.1f} TFLOP/s{mfu}; "
+          f"ms: fwd {r['fwd_ms']:.1f}, fwd+bwd {r['fwd_bwd_ms']:.1f}, step {r['step_ms']:.1f} "
+          f"(setup {r['setup_s']:.0f} s" + (f", peak {r['peak_mem_gib']:.1f} GiB)" if "peak_mem_gib" in r else ")"))
+    prof = r.get("profile")
+    if prof:
+        print(f"   profile over {prof['steps']} steps: wall {prof['wall_ms_per_step']:.1f} ms/step, kernels "
+              f"{prof['kernel_ms_per_step']:.1f} ms/step: busy {100 * (prof['busy_fraction'] or 0):.0f}% of the profiled "
+              f"wall, {100 * prof['busy_of_timed_step']:.0f}% of the timed step")
+        print("   by kind (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items()))
+        for k in prof["top"]:
+            print(f"     {k['ms_per_step']:7.2f} ms  {k['kind']:18s} {k['name']}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", action="append", required=True, help="NAME=train.KEY=VALUE,... (repeatable)")
+    ap.add_argument("--params", default="params/photos-256.yaml", help="the params file the variants change")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=16, help="caption token slots (bench/train_bench.py's default)")
+    ap.add_argument("--steps", type=int, default=10, help="timed calls of each kind (default: 10)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--profile", action="store_true", help="torch.profiler: busy fraction, time by kind, top kernels")
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=15, help="kernels listed per variant (default: 15)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the rows as JSON")
+    args = ap.parse_args()
+
+    import torch
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    peak, dev_name = peak_tflops(device, None)
+    print(f"machine: {cpu_name()}; torch {torch.__version__}; device {dev_name}"
+          + (f" (dense bf16 peak {peak:g} TFLOP/s)" if peak else ""), flush=True)
+    rows, out = [], Path(args.out) if args.out else None
+    for text in args.variant:
+        name, overrides = parse_variant(text)
+        try:
+            row = run_variant(name, overrides, args, device, peak)
+        except Exception as e:  # one variant failing (out of memory, a compile error) leaves the others
+            print(f"\n== {name}: FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
+            row = {"variant": name, "overrides": overrides, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+        else:
+            print_row(row)
+            sys.stdout.flush()
+        free(device)  # the variant's model, optimizer and compiled graphs are gone once run_variant returns
+        rows.append(row)
+        if out:  # after every variant: what ran survives a later crash or time limit
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"device": dev_name, "cpu": cpu_name(), "torch": torch.__version__,
+                                       "rows": rows}, indent=2) + "\n")
+    print(f"\n{'variant':24s} {'params':>8s} {'GFLOP/img':>9s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} "
+          f"{'fwd':>7s} {'fwd+bwd':>8s} {'step':>7s} {'busy':>5s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:24s} failed: {r['error'][:80]}")
+            continue
+        busy = r.get("profile", {}).get("busy_of_timed_step")
+        print(f"{r['variant']:24s} {r['params'] / 1e6:7.1f}M {r['gflop_per_img']:9.1f} {r['img_per_s']:8.1f} "
+              f"{r['tflop_per_s']:8.1f} {100 * r['mfu'] if r.get('mfu') else float('nan'):5.1f}% "
+              f"{r['fwd_ms']:7.1f} {r['fwd_bwd_ms']:8.1f} {r['step_ms']:7.1f} "
+              + (f"{100 * busy:4.0f}%" if busy is not None else "    -"))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

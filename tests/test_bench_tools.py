@@ -1,0 +1,76 @@
+"""The benchmark tools' own logic: bench/step_profile.py on the CPU, bench/train_bench.py's DiT overrides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from step_profile import kind_of, parse_variant  # noqa: E402
+from train_bench import dit_overrides  # noqa: E402
+
+from diffusion.config import DiTConfig  # noqa: E402
+
+
+def test_kernel_kinds_put_attention_before_its_fprop_and_keep_annotations_apart():
+    # cuDNN's attention kernels are named ..._sdpa_..._flash_fprop_...: attention, not convolution
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32") == "conv"
+    assert kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kind_of("triton_red_fused__to_copy_add_mul_native_layer_norm_21") == "norm"
+    assert kind_of("triton_poi_fused_gelu_gelu_backward_view_12") == "triton (compiled)"
+    assert kind_of("void at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)") == "layout/copy"
+    assert kind_of("aten::addmm") == "matmul"
+    assert kind_of("something_new") == "other"
+
+
+def test_variants_parse_and_refuse_what_is_not_key_value():
+    assert parse_variant("dit4=train.denoiser=dit,train.dit.patch=4") == (
+        "dit4", ["train.denoiser=dit", "train.dit.patch=4"])
+    assert parse_variant("plain=") == ("plain", [])
+    with pytest.raises(SystemExit, match="not KEY=VALUE"):
+        parse_variant("bad=train.compile")
+
+
+def test_dit_overrides_read_each_field_as_its_type_and_refuse_unknown_keys():
+    cfg = dit_overrides(DiTConfig(), "patch=4, heads=12,mlp_ratio=3.5")
+    assert (cfg.patch, cfg.heads, cfg.mlp_ratio, cfg.width) == (4, 12, 3.5, DiTConfig().width)
+    assert dit_overrides(DiTConfig(), "") == DiTConfig()
+    with pytest.raises(SystemExit, match="KEY one of"):
+        dit_overrides(DiTConfig(), "widht=512")
+    with pytest.raises(SystemExit, match="takes a number"):
+        dit_overrides(DiTConfig(), "patch=four")
+
+
+def test_step_profile_splits_and_profiles_the_loops_step_on_the_cpu(tmp_path):
+    out = tmp_path / "profile.json"
+    cmd = [sys.executable, str(ROOT / "bench/step_profile.py"), "--device", "cpu", "--params", "params.yaml",
+           "--size", "16", "--batch", "8", "--steps", "2", "--warmup", "1", "--profile", "--profile-steps", "1",
+           "--top", "3", "--out", str(out),
+           "--variant", "unet=",
+           "--variant", "dit=train.denoiser=dit,train.dit.width=48,train.dit.depth=2,train.dit.heads=2",
+           "--variant", "typo=train.unet.chanels=8"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # the misspelt key fails its own variant (exit 1) and leaves the others' rows
+    assert res.returncode == 1, res.stdout + res.stderr
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "chanels" in rows["typo"]["error"]
+    unet, dit = rows["unet"], rows["dit"]
+    assert (unet["denoiser"], dit["denoiser"]) == ("unet", "dit")
+    assert dit["net"]["width"] == 48 and dit["params"] < unet["params"]
+    for r in (unet, dit):
+        assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0
+        assert 0 < r["fwd_ms"] < r["fwd_bwd_ms"]  # the backward pass costs more than nothing
+        prof = r["profile"]
+        assert prof["kernel_ms_per_step"] > 0 and len(prof["top"]) == 3
+        assert abs(sum(prof["by_kind_ms_per_step"].values()) - prof["kernel_ms_per_step"]) < 1e-6
+    # the UNet's time goes to its convolutions, the DiT's to its matrix products
+    assert "conv" in unet["profile"]["by_kind_ms_per_step"]
+    assert dit["profile"]["by_kind_ms_per_step"].get("matmul", 0) > dit["profile"]["by_kind_ms_per_step"].get("conv", 0)
+    assert "typo" in res.stdout and "failed" in res.stdout
