@@ -3,13 +3,16 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]          # default OUT_DIR: bench/results/gpu
 #
-# 1. bench/train_bench.py at 64 px, batch 128, bf16: our ~116M UNet (torch.compile) and the DiT
-#    matched to it against diffusers' UNet2DConditionModel matched in parameters (eager), with
-#    img/s, TFLOP/s and MFU, and the data loader against what training consumes.
+# 1. bench/train_bench.py at 64 px, batch 128, bf16: our ~116M UNet and our DiT (4x4 patches,
+#    12 heads, 9 blocks, its width matched: 768, 121M), both torch.compile, against diffusers'
+#    UNet2DConditionModel matched in parameters (eager, on folded and on raw pixels), with img/s,
+#    TFLOP/s and MFU, and the data loader against what training consumes.
 # 2. The train stage itself on CUDA: `t2i ingest` and `t2i embed` of the built-in set at 64 px,
 #    then `t2i train` (its Prefect flow, MLflow logging, checkpoints, export) for TRAIN_STEPS steps
 #    (default 300) with train.size base, batch 128, 4 data workers, eager.
 # 3. bench/gpu_variants.py on those shards: fp16 with the grad scaler, the DiT, torch.compile.
+# 4. (only when PARTS names it: PARTS=profile) bench/step_profile.py --profile on the compiled UNet
+#    and DiT of part 1: kernel time by kind and how busy each keeps the GPU (about 4 minutes).
 #
 # Each part writes its log under OUT_DIR and has its own time limit (BENCH_TIMEOUT, TRAIN_TIMEOUT
 # seconds), so a part that hangs or fails leaves the other's results. PYTHON names the interpreter
@@ -34,9 +37,18 @@ lscpu | grep -m1 "Model name" | tee -a "$out/gpu.txt"
 if [[ $parts == *bench* ]]; then
 echo "== 1. bench/train_bench.py (64 px, ~110M, bf16, batch 128)"
 timeout "${BENCH_TIMEOUT:-330}" "$py" bench/train_bench.py --device cuda --preset 100m --sizes 64 --batch 128 \
+    --dit patch=4,heads=12,depth=9 \
     --compile --diffusers-pixels --steps 20 --warmup 3 --loader-workers 4 ${BENCH_ARGS:-} --out "$out/train-gpu.json" 2>&1 \
     | tee "$out/train-bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "bench: failed"; status=1; }
+fi
+if [[ $parts == *profile* ]]; then
+echo "== 4. bench/step_profile.py: where the compiled UNet's and DiT's step time goes"
+timeout "${PROFILE_TIMEOUT:-300}" "$py" bench/step_profile.py --device cuda --size 64 --batch 128 --profile --top 15 \
+    --variant unet-compiled=train.unet.patch=2,train.compile=true \
+    --variant dit-compiled=train.denoiser=dit,train.compile=true,train.dit.patch=4,train.dit.width=768,train.dit.heads=12,train.dit.depth=9 \
+    --out "$out/step-profile.json" 2>&1 | tee "$out/step-profile.log"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "profile: failed"; status=1; }
 fi
 [[ $parts == *train* ]] || exit $status
 

@@ -257,6 +257,21 @@ def match_diffusers(u, ours_params: int, text_dim: int, pooled_dim: int, in_ch: 
             "widths_within_tolerance": sorted(c for c in cands if abs(ratio(c) - 1) <= TOLERANCE)}
 
 
+def dit_overrides(dit_cfg, spec: str):
+    """``dit_cfg`` with ``KEY=VALUE,...`` applied (each value read as its field's type)."""
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, eq, value = item.partition("=")
+        fields = {f.name: f for f in dataclasses.fields(dit_cfg)}
+        if not eq or key not in fields:
+            raise SystemExit(f"--dit {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        try:
+            out[key] = float(value) if key == "mlp_ratio" else int(value)
+        except ValueError:
+            raise SystemExit(f"--dit {item!r}: {key} takes a number") from None
+    return dataclasses.replace(dit_cfg, **out)
+
+
 def match_dit(dit_cfg, target: int, text_dim: int, pooled_dim: int, in_ch: int, cuda: bool):
     """A DiTConfig like ``dit_cfg`` (heads, patch, mlp ratio) whose parameter count matches ``target``:
     its width, and its depth only if no width gets within the tolerance."""
@@ -656,11 +671,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model (default: 20)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default: 3)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--arch", default="unet,dit", help="ours: unet, dit or both (default: both)")
+    ap.add_argument("--arch", default="unet,dit", help="ours: unet, dit or both (default: both); diffusers: "
+                    "the diffusers UNets without ours-unet (with --arch diffusers,dit: the DiT against them)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS), help="default: params.yaml's UNet; "
                     "100m: params/photos-256.yaml's 116M UNet on 2x2-folded pixels")
     ap.add_argument("--params", default=None, help="params file for ours (default: the preset's)")
+    ap.add_argument("--dit", default="", help="KEY=VALUE,... changes to the preset's train.dit before its width is "
+                    "matched (e.g. patch=4,heads=12)")
     ap.add_argument("--tokens", type=int, default=16, help="caption token slots (default: 16; 77 = CLIP's context)")
     ap.add_argument("--compile", action="store_true", help="torch.compile ours (train.compile)")
     ap.add_argument("--compile-diffusers", action="store_true", help="torch.compile the diffusers UNet too")
@@ -711,6 +729,8 @@ def main() -> int:
     text_dim, pooled_dim, layer = text_dims(p.embed)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     arches = [a.strip() for a in args.arch.split(",") if a.strip()]
+    if not arches or set(arches) - {"unet", "dit", "diffusers"}:
+        raise SystemExit(f"--arch {args.arch!r}: expected one or more of unet, dit, diffusers")
     notes: list[str] = []
 
     load1 = os.getloadavg()[0]
@@ -766,7 +786,7 @@ def main() -> int:
                      f"layers_per_block + 1 = {unet.blocks_per_level + 1} blocks a level and upsamples nearest, then conv")
     dit_cfg = None
     if "dit" in arches:
-        dit_cfg, dit_params = match_dit(t.dit, ours_params, text_dim, pooled_dim, 3, cuda)
+        dit_cfg, dit_params = match_dit(dit_overrides(t.dit, args.dit), ours_params, text_dim, pooled_dim, 3, cuda)
         print(f"ours DiT:  width {dit_cfg.width}, depth {dit_cfg.depth}, {dit_cfg.heads} heads, patch {dit_cfg.patch}, "
               f"mlp {dit_cfg.mlp_ratio:g} (params' train.dit: width {t.dit.width}, depth {t.dit.depth}): "
               f"{dit_params:,} params, {dit_params / ours_params:.3f} x our UNet")
@@ -783,9 +803,10 @@ def main() -> int:
     for size in sizes:
         batches = make_batches(4, batch, size, 1024, args.seed, pin=cuda)
         plan = []
-        if "unet" in arches:
+        if "unet" in arches or "diffusers" in arches:
             if unet_fits(unet, size):
-                plan += ["ours-unet", "diffusers-unet"] + (["diffusers-unet-pixels"] if args.diffusers_pixels else [])
+                plan += (["ours-unet"] if "unet" in arches else []) + ["diffusers-unet"] \
+                    + (["diffusers-unet-pixels"] if args.diffusers_pixels else [])
             else:
                 notes.append(f"{size}px: the UNet (patch {unet.patch}, {len(unet.channel_mult)} levels) does not tile it")
         if dit_cfg is not None:
