@@ -12,10 +12,11 @@
 #    (default 300) with train.size base, batch 128, 4 data workers, eager.
 # 3. bench/gpu_variants.py on those shards: fp16 with the grad scaler, the DiT, torch.compile.
 # 4. (only when PARTS names it: PARTS=profile) bench/step_profile.py --profile on the compiled UNet
-#    and DiT of part 1: kernel time by kind and how busy each keeps the GPU (about 4 minutes).
+#    and DiT of part 1: kernel time by kind and how busy each keeps the GPU (about 5 minutes,
+#    compiles included).
 #
-# Each part writes its log under OUT_DIR and has its own time limit (BENCH_TIMEOUT, TRAIN_TIMEOUT
-# seconds), so a part that hangs or fails leaves the other's results. PYTHON names the interpreter
+# Each part writes its log under OUT_DIR and has its own time limit (BENCH_TIMEOUT, TRAIN_TIMEOUT,
+# PROFILE_TIMEOUT seconds), so a part that hangs or fails leaves the other's results. PYTHON names the interpreter
 # (default python3); the project and its dependencies must import there (pip install -e '.[test]').
 # PARTS (default bench,train,variants) picks parts; TRAIN_ARGS and BENCH_ARGS add arguments; IMAGE_SIZE, N_TRAIN, TRAIN_SIZE change part 2 (a CPU smoke run:
 # PARTS=train IMAGE_SIZE=16 N_TRAIN=500 TRAIN_SIZE=tiny TRAIN_STEPS=4 bash bench/gpu_check.sh /tmp/x).
@@ -44,7 +45,7 @@ timeout "${BENCH_TIMEOUT:-330}" "$py" bench/train_bench.py --device cuda --prese
 fi
 if [[ $parts == *profile* ]]; then
 echo "== 4. bench/step_profile.py: where the compiled UNet's and DiT's step time goes"
-timeout "${PROFILE_TIMEOUT:-300}" "$py" bench/step_profile.py --device cuda --size 64 --batch 128 --profile --top 15 \
+timeout "${PROFILE_TIMEOUT:-420}" "$py" bench/step_profile.py --device cuda --size 64 --batch 128 --profile --top 15 \
     --variant unet-compiled=train.unet.patch=2,train.compile=true \
     --variant dit-compiled=train.denoiser=dit,train.compile=true,train.dit.patch=4,train.dit.width=768,train.dit.heads=12,train.dit.depth=9 \
     --out "$out/step-profile.json" 2>&1 | tee "$out/step-profile.log"

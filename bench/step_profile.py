@@ -2,13 +2,13 @@
 
     python bench/step_profile.py --device cuda --size 64 --batch 128 \\
         --variant unet=train.unet.patch=2 \\
-        --variant unet-no-autotune=train.unet.patch=2,train.cudnn_benchmark=false \\
-        --variant dit-p4=train.denoiser=dit,train.dit.patch=4,train.dit.width=768,train.dit.heads=12 \\
+        --variant unet-compiled=train.unet.patch=2,train.compile=true \\
+        --variant dit-p4=train.denoiser=dit,train.dit.patch=4,train.dit.width=768,train.dit.heads=12,train.dit.depth=9 \\
         --profile
 
 Each variant is the params file (default ``params/photos-256.yaml``, the ~110M networks) with
-``-s``-style overrides (``train.KEY=VALUE``, comma-separated). It builds the model through the loop's own
-``build_state`` and times ``train_step`` (caption dropout, autocast, loss, backward, clipping,
+``-s``-style overrides (``train.KEY=VALUE``, comma-separated). It builds the model through the
+loop's own ``build_state`` and times ``train_step`` (caption dropout, autocast, loss, backward, clipping,
 fused AdamW, schedule, EMA) on synthetic batches (bench/train_bench.py's), then splits the step:
 
 - ``fwd``: the loss alone under ``no_grad``; ``fwd+bwd``: the loss and its backward;
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -81,7 +82,9 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def timed(fn, device, n: int) -> float:
-    """Median milliseconds of ``fn`` over ``n`` synchronised calls."""
+    """Median milliseconds of ``fn`` over ``n`` synchronised calls, after one untimed call (a
+    compiled model compiles its no-grad graph on the first forward under ``no_grad``)."""
+    fn()
     out = []
     for _ in range(n):
         sync(device)
@@ -139,7 +142,7 @@ def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
     free(device)
     t0 = time.perf_counter()
     tr = LoopTrainer(cfg, table, args.size, device)
-    row = {"variant": name, "overrides": overrides, "cudnn_benchmark": torch.backends.cudnn.benchmark, "denoiser": cfg.denoiser,
+    row = {"variant": name, "overrides": overrides, "denoiser": cfg.denoiser,
            "params": count_params(tr.net), "size": args.size, "batch": args.batch, "compiled": cfg.compile,
            "net": dataclasses.asdict(cfg.dit if cfg.denoiser == "dit" else cfg.unet)}
     flops = count_flops(tr, batches[0])
@@ -148,7 +151,7 @@ def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
         tr.step(batches[i % len(batches)])
     sync(device)
     row["setup_s"] = time.perf_counter() - t0
-    it = iter(range(10**9))
+    it = itertools.count()
 
     def step():
         tr.step(batches[next(it) % len(batches)])
@@ -186,7 +189,7 @@ def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
 def print_row(r: dict) -> None:
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
     print(f"\n== {r['variant']}: {r['denoiser']} {r['params'] / 1e6:.2f}M params{' (compiled)' if r['compiled'] else ''}, "
-          f"{r['size']}px, batch {r['batch']}, cudnn.benchmark {r['cudnn_benchmark']}, overrides {r['overrides']}")
+          f"{r['size']}px, batch {r['batch']}, overrides {r['overrides']}")
     print(f"   {r['img_per_s']:.1f} img/s, {r['gflop_per_img']:.1f} GFLOP/img, {r['tflop_per_s']:.1f} TFLOP/s{mfu}; "
           f"ms: fwd {r['fwd_ms']:.1f}, fwd+bwd {r['fwd_bwd_ms']:.1f}, step {r['step_ms']:.1f} "
           f"(setup {r['setup_s']:.0f} s" + (f", peak {r['peak_mem_gib']:.1f} GiB)" if "peak_mem_gib" in r else ")"))
