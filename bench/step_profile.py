@@ -8,8 +8,9 @@
 
 Each variant is the params file (default ``params/photos-256.yaml``, the ~110M networks) with
 ``-s``-style overrides (``train.KEY=VALUE``, comma-separated). It builds the model through the
-loop's own ``build_state`` and times ``train_step`` (caption dropout, autocast, loss, backward, clipping,
-fused AdamW, schedule, EMA) on synthetic batches (bench/train_bench.py's), then splits the step:
+loop's own ``build_state`` (which also sets the variant's TF32, channels_last and compile) and
+times ``train_step`` (caption dropout, autocast, loss, backward, clipping, fused AdamW, schedule,
+EMA) on synthetic batches (bench/train_bench.py's), then splits the step:
 
 - ``fwd``: the loss alone under ``no_grad``; ``fwd+bwd``: the loss and its backward;
   ``step``: the whole ``train_step``. All in milliseconds, synchronised, median of the timed steps.
@@ -139,7 +140,6 @@ def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
     text_dim, pooled_dim, _ = text_dims(p.embed)
     table = synthetic_table(1024, args.tokens, text_dim, pooled_dim, args.seed, {"synthetic": True})
     batches = make_batches(4, args.batch, args.size, 1024, args.seed, pin=device.type == "cuda")
-    free(device)
     t0 = time.perf_counter()
     tr = LoopTrainer(cfg, table, args.size, device)
     row = {"variant": name, "overrides": overrides, "denoiser": cfg.denoiser,
@@ -224,9 +224,6 @@ def main() -> int:
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     peak, dev_name = peak_tflops(device, None)
     print(f"machine: {cpu_name()}; torch {torch.__version__}; device {dev_name}"
           + (f" (dense bf16 peak {peak:g} TFLOP/s)" if peak else ""), flush=True)

@@ -259,10 +259,9 @@ def match_diffusers(u, ours_params: int, text_dim: int, pooled_dim: int, in_ch: 
 
 def dit_overrides(dit_cfg, spec: str):
     """``dit_cfg`` with ``KEY=VALUE,...`` applied (each value read as its field's type)."""
-    out = {}
+    out, fields = {}, [f.name for f in dataclasses.fields(dit_cfg)]
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, eq, value = item.partition("=")
-        fields = {f.name: f for f in dataclasses.fields(dit_cfg)}
         if not eq or key not in fields:
             raise SystemExit(f"--dit {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         try:

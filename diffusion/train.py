@@ -152,9 +152,9 @@ def build_state(cfg: TrainConfig, table: EmbeddingTable, image_size: int, latent
         raise ConfigError(f"train.{cfg.denoiser} does not fit the data: {e}") from None
     channels = 3 if latent is None else latent.channels
     cuda = device.type == "cuda"
-    if cuda and cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if cuda:  # both ways: train.tf32 false turns off cuDNN's TF32 too (on by default in PyTorch)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
     model = build_denoiser(cfg, text_dim, pooled_dim, in_channels=channels).to(device)
     if cuda and cfg.channels_last and cfg.denoiser == "unet":
         model = model.to(memory_format=torch.channels_last)
