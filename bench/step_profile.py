@@ -190,7 +190,7 @@ def print_row(r: dict) -> None:
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
     print(f"\n== {r['variant']}: {r['denoiser']} {r['params'] / 1e6:.2f}M params{' (compiled)' if r['compiled'] else ''}, "
           f"{r['size']}px, batch {r['batch']}, overrides {r['overrides']}")
-    print(f"   {r['img_per_s']:.1f} img/s, {r['gflop_per_img']:.1f} GFLOP/img, {r['tflop_per_s']:.1f} TFLOP/s{mfu}; "
+    print(f"   {r['img_per_s']:.1f} img/s, {r['gflop_per_img']:.3g} GFLOP/img, {r['tflop_per_s']:.3g} TFLOP/s{mfu}; "
           f"ms: fwd {r['fwd_ms']:.1f}, fwd+bwd {r['fwd_bwd_ms']:.1f}, step {r['step_ms']:.1f} "
           f"(setup {r['setup_s']:.0f} s" + (f", peak {r['peak_mem_gib']:.1f} GiB)" if "peak_mem_gib" in r else ")"))
     prof = r.get("profile")
@@ -251,8 +251,9 @@ def main() -> int:
             print(f"{r['variant']:24s} failed: {r['error'][:80]}")
             continue
         busy = r.get("profile", {}).get("busy_of_timed_step")
-        print(f"{r['variant']:24s} {r['params'] / 1e6:7.1f}M {r['gflop_per_img']:9.1f} {r['img_per_s']:8.1f} "
-              f"{r['tflop_per_s']:8.1f} {100 * r['mfu'] if r.get('mfu') else float('nan'):5.1f}% "
+        mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "     -"
+        print(f"{r['variant']:24s} {r['params'] / 1e6:7.1f}M {r['gflop_per_img']:9.3g} {r['img_per_s']:8.1f} "
+              f"{r['tflop_per_s']:8.3g} {mfu} "
               f"{r['fwd_ms']:7.1f} {r['fwd_bwd_ms']:8.1f} {r['step_ms']:7.1f} "
               + (f"{100 * busy:4.0f}%" if busy is not None else "    -"))
     return 0 if all("error" not in r for r in rows) else 1

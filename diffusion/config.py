@@ -201,8 +201,8 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    # the EMA's decay at each step is min(ema_decay, (1 + step) / (10 + step)): below about
-    # 9000 steps the warm-up term, not 0.999, sets it (0.9955 at step 2000)
+    # the EMA's decay at each step is min(ema_decay, (1 + step) / (10 + step)): the warm-up term,
+    # not ema_decay, sets it below about 9000 steps for 0.999 (0.9955 at step 2000)
     ema_decay: float = 0.999
     cond_dropout: float = 0.1  # caption dropout for classifier-free guidance
     # objective: the seed's DDPM (linear betas, epsilon prediction, MSE) ...
