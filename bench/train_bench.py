@@ -16,7 +16,12 @@ What is measured, in one process, one model after the other:
 
 1. Training throughput (img/s, ms/step) of each model at each ``--sizes`` side, the same batch
    size, the same number of timed steps after the same warmup (excluded), ``torch.manual_seed``
-   fixed, models in train mode. Every model trains on the same few pre-made batches (random
+   fixed, models in train mode. On the CPU every model of a size is built first and then timed in
+   turn, ``--rounds`` (3) times ``--steps`` steps, and its img/s is its median round: a slow spell
+   of a shared machine (these 2-core machines vary by 10-30% from minute to minute) then hits every
+   model alike instead of whichever ran during it; "vs diffusers" is then the median of the
+   per-round ratios; the rounds are in the log and the JSON. On CUDA (``--rounds`` 1) each model
+   is built, timed and freed alone. Every model trains on the same few pre-made batches (random
    images in [-1, 1], held on the CPU, pinned on CUDA, copied to the device each step as the
    loop does) and the same random caption table. One step is what ``diffusion.train`` does:
    caption dropout (train.cond_dropout) on the table rows, the conditioning cut to the batch's
@@ -34,8 +39,8 @@ What is measured, in one process, one model after the other:
    model (matmuls, convolutions and attention; attention is counted under the math SDPA backend,
    because the CPU flash kernel has no FLOP formula; optimizer and elementwise work are not
    counted), on the first 8 images of the timed batch and scaled to the whole batch (FLOPs are
-   linear in it; the math backend's attention matrices at batch 128 would not fit). GFLOP/img = that / batch; TFLOP/s = FLOPs per step / mean
-   step time. On CUDA, MFU = TFLOP/s / the GPU's dense bf16 peak (H100 SXM and H200: 989
+   linear in it; the math backend's attention matrices at batch 128 would not fit). GFLOP/img = that / batch; TFLOP/s = FLOPs per step / the median
+   round's step time. On CUDA, MFU = TFLOP/s / the GPU's dense bf16 peak (H100 SXM and H200: 989
    TFLOP/s; ``--peak-tflops`` overrides; printed).
 3. The data loader alone: real WebDataset shards of the built-in dataset (``diffusion.ingest``,
    at ``--loader-size`` px, ``--loader-samples`` training images, shards of 1000) and their
@@ -81,8 +86,9 @@ Matching (printed at the start of a run, and in the JSON):
   UNet's parameter count within 10%. Its "vs diffusers" is against the diffusers UNet.
 
 Columns: params of the network (EMA, optimizer state not counted), img/s = batch x steps / timed
-seconds, ms/step, GFLOP per image (forward+backward), achieved TFLOP/s, MFU (CUDA), peak memory
-(CUDA), and ours / diffusers img/s at the same size. The CPU model, torch version and threads head
+seconds (the median round), ms/step, GFLOP per image (forward+backward), achieved TFLOP/s, MFU
+(CUDA), peak memory (CUDA), and ours / diffusers img/s at the same size (the median of the
+per-round ratios). The CPU model, torch version and threads head
 the table: compare rows within one run, not across machines, and run on a quiet machine.
 """
 
@@ -484,54 +490,78 @@ def count_flops(trainer, batch) -> int:
     return int(counter.get_total_flops() * n / k)
 
 
-def measure(name: str, trainer, batches: list, args, device) -> dict:
-    import torch
-
+def prepare(name: str, trainer, batches: list, args, device) -> dict:
+    """Count one step's FLOPs and run the untimed warmup steps: a row without its timings yet."""
     flops = count_flops(trainer, batches[0])
     sync(device)
     t0 = time.perf_counter()
     for i in range(args.warmup):
         trainer.step(batches[i % len(batches)])
     sync(device)
-    warm = time.perf_counter() - t0
+    batch = batches[0].x0.shape[0]
+    return {"model": name, "params": count_params(trainer.net), "batch": batch, "warmup_s": time.perf_counter() - t0,
+            "flops_per_step": flops, "gflop_per_img": flops / batch / 1e9, "compiled": trainer.compiled,
+            "rounds_img_per_s": [], "steps_done": args.warmup}
+
+
+def time_round(row: dict, trainer, batches: list, args, device) -> float:
+    """Time ``args.steps`` steps of one model (one round) and append its img/s to the row."""
+    import torch
+
+    sync(device)
     t0 = time.perf_counter()
     loss = None
-    for i in range(args.steps):
-        loss = trainer.step(batches[(args.warmup + i) % len(batches)])
+    for _ in range(args.steps):
+        loss = trainer.step(batches[row["steps_done"] % len(batches)])
+        row["steps_done"] += 1
     sync(device)
     dt = time.perf_counter() - t0
-    batch = batches[0].x0.shape[0]
-    step_s = dt / max(1, args.steps)
-    row = {
-        "model": name, "params": count_params(trainer.net), "batch": batch,
-        "img_per_s": batch * args.steps / dt, "ms_per_step": 1e3 * step_s, "timed_s": dt, "warmup_s": warm,
-        "gflop_per_img": flops / batch / 1e9, "tflop_per_s": flops / step_s / 1e12,
-        "loss_finite": bool(torch.isfinite(loss).item()) if loss is not None else None,
-        "compiled": trainer.compiled,
-    }
+    row["rounds_img_per_s"].append(row["batch"] * args.steps / dt)
+    row["loss_finite"] = bool(torch.isfinite(loss).item()) if loss is not None else None
+    return row["rounds_img_per_s"][-1]
+
+
+def finish(row: dict, device, peak: float | None) -> dict:
+    """img/s = the median round (rounds alternate between the models, so a slow spell of the
+    machine hits all of them, not whichever ran then); ms/step, TFLOP/s and MFU from it."""
+    import statistics
+
+    import torch
+
+    ips = statistics.median(row["rounds_img_per_s"])
+    row["img_per_s"] = ips
+    row["ms_per_step"] = 1e3 * row["batch"] / ips
+    row["tflop_per_s"] = row["flops_per_step"] * ips / row["batch"] / 1e12
+    if peak:
+        row["mfu"] = row["tflop_per_s"] / peak
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
 
 
-def time_model(name: str, size: int, batches: list, args, device, cfg, table, m: dict, unet, ours_params: int,
-               text_dim: int, pooled_dim: int, dit_cfg, peak: float | None, cuda: bool) -> dict:
-    """Build one model's trainer, count its FLOPs and time its steps: one row of the table."""
-    if name in ("ours-unet", "ours-dit"):
-        tr = LoopTrainer(cfg if name == "ours-unet" else dataclasses.replace(cfg, denoiser="dit", dit=dit_cfg),
-                         table, size, device)
-    else:
-        from diffusion.train import adamw_kwargs
+def vs_reference(row: dict, ref: dict) -> float:
+    """img/s against the reference's: with rounds, the median of the per-round ratios (both models
+    timed within a minute of each other, so the machine's drift cancels), else the plain ratio."""
+    import statistics
 
-        opt = adamw_kwargs(cfg, device)  # the settings the loop gives ours
-        match = m if name == "diffusers-unet" else match_diffusers(unet, ours_params, text_dim, pooled_dim, 3, cuda)
-        tr = DiffusersTrainer(match, unet.patch if name == "diffusers-unet" else 1, cfg, table, device, opt,
-                              cuda and cfg.channels_last, args.compile_diffusers)
-    log(f"{name} at {size}px: counting FLOPs, {args.warmup} warmup + {args.steps} timed steps")
-    row = {"size": size, **measure(name, tr, batches, args, device)}
-    if peak:
-        row["mfu"] = row["tflop_per_s"] / peak
-    return row
+    a, b = row["rounds_img_per_s"], ref["rounds_img_per_s"]
+    if len(a) > 1 and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b))
+    return row["img_per_s"] / ref["img_per_s"]
+
+
+def build_trainer(name: str, size: int, args, device, cfg, table, m: dict, unet, ours_params: int, text_dim: int,
+                  pooled_dim: int, dit_cfg, cuda: bool):
+    """One model's trainer (network, optimizer, EMA) at ``size``."""
+    if name in ("ours-unet", "ours-dit"):
+        return LoopTrainer(cfg if name == "ours-unet" else dataclasses.replace(cfg, denoiser="dit", dit=dit_cfg),
+                           table, size, device)
+    from diffusion.train import adamw_kwargs
+
+    opt = adamw_kwargs(cfg, device)  # the settings the loop gives ours
+    match = m if name == "diffusers-unet" else match_diffusers(unet, ours_params, text_dim, pooled_dim, 3, cuda)
+    return DiffusersTrainer(match, unet.patch if name == "diffusers-unet" else 1, cfg, table, device, opt,
+                            cuda and cfg.channels_last, args.compile_diffusers)
 
 
 def bench_optimizer(unet, text_dim: int, pooled_dim: int, opt_kwargs: dict, device, steps: int = 20) -> dict:
@@ -669,6 +699,10 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's train.batch_size: 64; 100m: 128)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model (default: 20)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default: 3)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="time every model this many times, in turn, each time --steps steps, and report the median "
+                         "round: a slow spell of the machine then hits every model alike (default: 3 on the CPU; "
+                         "1 on CUDA, where each model is built, timed and freed alone)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--arch", default="unet,dit", help="ours: unet, dit or both (default: both); diffusers: "
                     "the diffusers UNets without ours-unet (with --arch diffusers,dit: the DiT against them)")
@@ -706,6 +740,9 @@ def main() -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     cuda = device.type == "cuda"
+    rounds = args.rounds or (1 if cuda else 3)
+    if rounds < 1 or args.steps < 1:
+        raise SystemExit("--rounds and --steps must be at least 1")
     if cuda and not args.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -745,7 +782,7 @@ def main() -> int:
     else:
         print("device: cpu (fp32, no MFU)")
     print(f"run: preset {args.preset} ({params_file.relative_to(ROOT)}), batch {batch}, sizes {sizes}, "
-          f"{args.warmup} warmup + {args.steps} timed steps per model, seed {args.seed}, "
+          f"{args.warmup} warmup + {rounds} round(s) of {args.steps} timed steps per model (median round), seed {args.seed}, "
           "ours via diffusion.train.build_state/train_step")
     if os.cpu_count() and load1 > os.cpu_count() / 2 and not cuda:
         print(f"WARNING: load average {load1:.2f} on {os.cpu_count()} cores: other work shares the CPU, timings are low")
@@ -813,30 +850,68 @@ def main() -> int:
                 plan.append("ours-dit")
             else:
                 notes.append(f"{size}px: not a multiple of the DiT patch {dit_cfg.patch}")
-        for name in plan:
-            free(device)
-            log(f"{name} at {size}px: building")
+
+        def failed(name: str, e: Exception, size: int = size) -> None:  # one model failing (a compile error, out of memory)
+            log(f"{name} at {size}px FAILED: {type(e).__name__}: {e}")  # leaves the others' rows
+            notes.append(f"{name} at {size}px failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+
+        def start(name: str, size: int = size, batches: list = batches):
+            log(f"{name} at {size}px: building, counting FLOPs, {args.warmup} warmup steps")
             try:
-                row = time_model(name, size, batches, args, device, cfg, table, m, unet, ours_params, text_dim,
-                                 pooled_dim, dit_cfg, peak, cuda)
-            except Exception as e:  # one model failing (a compile error, out of memory) leaves the others' rows
-                log(f"{name} at {size}px FAILED: {type(e).__name__}: {e}")
-                notes.append(f"{name} at {size}px failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
-                continue
+                tr = build_trainer(name, size, args, device, cfg, table, m, unet, ours_params, text_dim, pooled_dim,
+                                   dit_cfg, cuda)
+                return tr, {"size": size, **prepare(name, tr, batches, args, device)}
+            except Exception as e:  # noqa: BLE001 (reported; the other models still run)
+                failed(name, e)
+                return None
+
+        def done(row: dict, size: int = size) -> None:
+            finish(row, device, peak)
+            del row["steps_done"]
             if not row["loss_finite"]:
-                notes.append(f"{name} at {size}px: the last loss was not finite")
+                notes.append(f"{row['model']} at {size}px: the last loss was not finite")
             rows.append(row)
-            log(f"{name} at {size}px: {row['img_per_s']:.1f} img/s, {row['ms_per_step']:.1f} ms/step, "
+            spread = (f" (rounds {min(row['rounds_img_per_s']):.1f}-{max(row['rounds_img_per_s']):.1f})"
+                      if len(row["rounds_img_per_s"]) > 1 else "")
+            log(f"{row['model']} at {size}px: {row['img_per_s']:.1f} img/s{spread}, {row['ms_per_step']:.1f} ms/step, "
                 f"{row['tflop_per_s']:.3g} TFLOP/s" + (f", MFU {100 * row['mfu']:.1f}%" if row.get("mfu") else ""))
             if args.out:  # what is timed so far survives a later crash or a time limit
                 partial = Path(args.out).with_suffix(".partial.json")
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 partial.write_text(json.dumps({"machine": machine, "rows": rows, "notes": notes}, indent=2) + "\n")
+
+        if rounds == 1:  # one model at a time, each freed before the next (GPU memory)
+            for name in plan:
+                free(device)
+                live = start(name)
+                if live is None:
+                    continue
+                try:
+                    time_round(live[1], live[0], batches, args, device)
+                except Exception as e:  # noqa: BLE001 (reported; the other models still run)
+                    failed(name, e)
+                    continue
+                done(live[1])
+                del live
+        else:  # every model built first, then timed in turn, round after round
+            lives = [x for x in (start(name) for name in plan) if x is not None]
+            for r in range(rounds):
+                for tr, row in list(lives):
+                    try:
+                        ips = time_round(row, tr, batches, args, device)
+                    except Exception as e:  # noqa: BLE001 (reported; the other models still run)
+                        failed(row["model"], e)
+                        lives.remove((tr, row))
+                        continue
+                    log(f"round {r + 1}/{rounds}: {row['model']} at {size}px {ips:.1f} img/s")
+            for _, row in lives:
+                done(row)
+            del lives
         ref = next((r for r in rows if r["size"] == size and r["model"] == "diffusers-unet"), None)
         for r in rows:
             if r["size"] == size and ref is not None:
-                r["vs_diffusers"] = r["img_per_s"] / ref["img_per_s"]
-        del batches
+                r["vs_diffusers"] = vs_reference(r, ref)
+        batches = None  # the next size's are made anew
     free(device)
 
     # ---- the data loader
@@ -867,8 +942,8 @@ def main() -> int:
     # ---- report
     print()
     print(f"{machine['cpu']} | torch {torch.__version__} | {machine['threads']} threads | {dev_name}"
-          + (f" (peak {peak:g} TFLOP/s bf16)" if peak else "") + f" | batch {batch} | {args.steps} steps after "
-          f"{args.warmup} warmup | load avg {load1:.2f}")
+          + (f" (peak {peak:g} TFLOP/s bf16)" if peak else "") + f" | batch {batch} | median of {rounds} round(s) of {args.steps} "
+          f"steps after {args.warmup} warmup | load avg {load1:.2f}")
     print(fmt_table(rows, cuda))
     if loader:
         tx = loader["text"]

@@ -1,4 +1,5 @@
-"""The benchmark tools' own logic: bench/step_profile.py on the CPU, bench/train_bench.py's DiT overrides."""
+"""The benchmark tools' own logic: bench/step_profile.py on the CPU, bench/train_bench.py's DiT overrides
+and its rounds."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from step_profile import kind_of, parse_variant  # noqa: E402
-from train_bench import dit_overrides  # noqa: E402
+from train_bench import dit_overrides, finish, vs_reference  # noqa: E402
 
 from diffusion.config import DiTConfig  # noqa: E402
 
@@ -36,6 +37,22 @@ def test_variants_parse_and_refuse_what_is_not_key_value():
     assert parse_variant("plain=") == ("plain", [])
     with pytest.raises(SystemExit, match="not KEY=VALUE"):
         parse_variant("bad=train.compile")
+
+
+def test_rounds_report_the_median_round_and_the_median_per_round_ratio():
+    import torch
+
+    # the machine slowed down in round 2 for both: the median per-round ratio sees through it
+    ours = finish({"batch": 64, "flops_per_step": 64e9, "rounds_img_per_s": [300.0, 150.0, 280.0]},
+                  torch.device("cpu"), None)
+    ref = finish({"batch": 64, "flops_per_step": 60e9, "rounds_img_per_s": [250.0, 140.0, 200.0]},
+                 torch.device("cpu"), None)
+    assert ours["img_per_s"] == 280.0 and ours["ms_per_step"] == pytest.approx(1e3 * 64 / 280)
+    assert ours["tflop_per_s"] == pytest.approx(64e9 * 280 / 64 / 1e12)
+    assert vs_reference(ours, ref) == pytest.approx(300 / 250)  # ratios 1.2, 1.07, 1.4
+    assert vs_reference(ours, ref) != pytest.approx(ours["img_per_s"] / ref["img_per_s"])
+    one = finish({"batch": 64, "flops_per_step": 1e9, "rounds_img_per_s": [100.0]}, torch.device("cpu"), 1.0)
+    assert vs_reference(one, ref) == pytest.approx(100 / 200) and one["mfu"] == pytest.approx(one["tflop_per_s"])
 
 
 def test_dit_overrides_read_each_field_as_its_type_and_refuse_unknown_keys():
