@@ -12,7 +12,7 @@ scale", has its figures on an H200). A model that fails (a compile error, out of
 reported in the notes and the others still run; with ``--out`` the rows timed so far are also
 written to ``<out>.partial.json`` after each model.
 
-What is measured, in one process, one model after the other:
+What is measured, in one process, one model after the other (on the CPU in turns, see 1.):
 
 1. Training throughput (img/s, ms/step) of each model at each ``--sizes`` side, the same batch
    size, the same number of timed steps after the same warmup (excluded), ``torch.manual_seed``
@@ -740,7 +740,7 @@ def main() -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     cuda = device.type == "cuda"
-    rounds = args.rounds or (1 if cuda else 3)
+    rounds = args.rounds if args.rounds is not None else (1 if cuda else 3)
     if rounds < 1 or args.steps < 1:
         raise SystemExit("--rounds and --steps must be at least 1")
     if cuda and not args.no_tf32:
@@ -890,9 +890,10 @@ def main() -> int:
                     time_round(live[1], live[0], batches, args, device)
                 except Exception as e:  # noqa: BLE001 (reported; the other models still run)
                     failed(name, e)
+                    live = None  # its memory goes before the next model's
                     continue
                 done(live[1])
-                del live
+                live = None
         else:  # every model built first, then timed in turn, round after round
             lives = [x for x in (start(name) for name in plan) if x is not None]
             for r in range(rounds):
