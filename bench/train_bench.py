@@ -102,6 +102,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -501,7 +502,7 @@ def prepare(name: str, trainer, batches: list, args, device) -> dict:
     batch = batches[0].x0.shape[0]
     return {"model": name, "params": count_params(trainer.net), "batch": batch, "warmup_s": time.perf_counter() - t0,
             "flops_per_step": flops, "gflop_per_img": flops / batch / 1e9, "compiled": trainer.compiled,
-            "rounds_img_per_s": [], "steps_done": args.warmup}
+            "rounds_img_per_s": []}
 
 
 def time_round(row: dict, trainer, batches: list, args, device) -> float:
@@ -511,9 +512,9 @@ def time_round(row: dict, trainer, batches: list, args, device) -> float:
     sync(device)
     t0 = time.perf_counter()
     loss = None
-    for _ in range(args.steps):
-        loss = trainer.step(batches[row["steps_done"] % len(batches)])
-        row["steps_done"] += 1
+    first = args.warmup + len(row["rounds_img_per_s"]) * args.steps  # steps this model has taken so far
+    for i in range(first, first + args.steps):
+        loss = trainer.step(batches[i % len(batches)])
     sync(device)
     dt = time.perf_counter() - t0
     row["rounds_img_per_s"].append(row["batch"] * args.steps / dt)
@@ -524,8 +525,6 @@ def time_round(row: dict, trainer, batches: list, args, device) -> float:
 def finish(row: dict, device, peak: float | None) -> dict:
     """img/s = the median round (rounds alternate between the models, so a slow spell of the
     machine hits all of them, not whichever ran then); ms/step, TFLOP/s and MFU from it."""
-    import statistics
-
     import torch
 
     ips = statistics.median(row["rounds_img_per_s"])
@@ -542,8 +541,6 @@ def finish(row: dict, device, peak: float | None) -> dict:
 def vs_reference(row: dict, ref: dict) -> float:
     """img/s against the reference's: with rounds, the median of the per-round ratios (both models
     timed within a minute of each other, so the machine's drift cancels), else the plain ratio."""
-    import statistics
-
     a, b = row["rounds_img_per_s"], ref["rounds_img_per_s"]
     if len(a) > 1 and len(a) == len(b):
         return statistics.median(x / y for x, y in zip(a, b))
@@ -867,7 +864,6 @@ def main() -> int:
 
         def done(row: dict, size: int = size) -> None:
             finish(row, device, peak)
-            del row["steps_done"]
             if not row["loss_finite"]:
                 notes.append(f"{row['model']} at {size}px: the last loss was not finite")
             rows.append(row)
@@ -880,39 +876,29 @@ def main() -> int:
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 partial.write_text(json.dumps({"machine": machine, "rows": rows, "notes": notes}, indent=2) + "\n")
 
-        if rounds == 1:  # one model at a time, each freed before the next (GPU memory)
-            for name in plan:
-                free(device)
-                live = start(name)
-                if live is None:
-                    continue
-                try:
-                    time_round(live[1], live[0], batches, args, device)
-                except Exception as e:  # noqa: BLE001 (reported; the other models still run)
-                    failed(name, e)
-                    live = None  # its memory goes before the next model's
-                    continue
-                done(live[1])
-                live = None
-        else:  # every model built first, then timed in turn, round after round
-            lives = [x for x in (start(name) for name in plan) if x is not None]
+        # CUDA (1 round): one model at a time, each freed before the next (GPU memory); the CPU: every
+        # model built first, then timed in turn, round after round
+        for group in ([name] for name in plan) if rounds == 1 else [plan]:
+            free(device)
+            lives = [x for x in (start(name) for name in group) if x is not None]
             for r in range(rounds):
                 for tr, row in list(lives):
                     try:
                         ips = time_round(row, tr, batches, args, device)
                     except Exception as e:  # noqa: BLE001 (reported; the other models still run)
                         failed(row["model"], e)
-                        lives.remove((tr, row))
+                        lives = [x for x in lives if x[1] is not row]  # its memory goes before the next model's
                         continue
-                    log(f"round {r + 1}/{rounds}: {row['model']} at {size}px {ips:.1f} img/s")
+                    if rounds > 1:
+                        log(f"round {r + 1}/{rounds}: {row['model']} at {size}px {ips:.1f} img/s")
             for _, row in lives:
                 done(row)
-            del lives
+            lives = None
         ref = next((r for r in rows if r["size"] == size and r["model"] == "diffusers-unet"), None)
         for r in rows:
             if r["size"] == size and ref is not None:
                 r["vs_diffusers"] = vs_reference(r, ref)
-        batches = None  # the next size's are made anew
+        del batches
     free(device)
 
     # ---- the data loader
