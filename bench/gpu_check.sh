@@ -18,7 +18,11 @@
 # Each part writes its log under OUT_DIR and has its own time limit (BENCH_TIMEOUT, TRAIN_TIMEOUT,
 # PROFILE_TIMEOUT seconds), so a part that hangs or fails leaves the other's results. PYTHON names the interpreter
 # (default python3); the project and its dependencies must import there (pip install -e '.[test]').
-# PARTS (default bench,train,variants) picks parts; TRAIN_ARGS and BENCH_ARGS add arguments; IMAGE_SIZE, N_TRAIN, TRAIN_SIZE change part 2 (a CPU smoke run:
+# PARTS (default bench,train,variants) picks parts; TRAIN_ARGS and BENCH_ARGS add arguments; DITS
+# (space-separated --dit specs, default "patch=4,heads=12,depth=9") picks the DiTs part 1 times: several
+# shapes in one run, e.g. the MFU candidates
+#   PARTS=bench BENCH_TIMEOUT=540 BENCH_ARGS="--arch diffusers,dit" DITS="patch=4,heads=12,depth=9 patch=4,heads=16,depth=5 patch=4,heads=18,depth=4" bash bench/gpu_check.sh
+# (each more DiT adds about a minute, its compile included); IMAGE_SIZE, N_TRAIN, TRAIN_SIZE change part 2 (a CPU smoke run:
 # PARTS=train IMAGE_SIZE=16 N_TRAIN=500 TRAIN_SIZE=tiny TRAIN_STEPS=4 bash bench/gpu_check.sh /tmp/x).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -37,8 +41,10 @@ lscpu | grep -m1 "Model name" | tee -a "$out/gpu.txt"
 
 if [[ $parts == *bench* ]]; then
 echo "== 1. bench/train_bench.py (64 px, ~110M, bf16, batch 128)"
+dit_args=()
+for spec in ${DITS:-patch=4,heads=12,depth=9}; do dit_args+=(--dit "$spec"); done
 timeout "${BENCH_TIMEOUT:-330}" "$py" bench/train_bench.py --device cuda --preset 100m --sizes 64 --batch 128 \
-    --dit patch=4,heads=12,depth=9 \
+    "${dit_args[@]}" \
     --compile --diffusers-pixels --steps 20 --warmup 3 --loader-workers 4 ${BENCH_ARGS:-} --out "$out/train-gpu.json" 2>&1 \
     | tee "$out/train-bench.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "bench: failed"; status=1; }

@@ -278,6 +278,20 @@ def dit_overrides(dit_cfg, spec: str):
     return dataclasses.replace(dit_cfg, **out)
 
 
+def match_dits(dit_cfg, specs: list[str], target: int, text_dim: int, pooled_dim: int, cuda: bool) -> dict:
+    """One matched DiT per ``--dit`` spec, by model name: ``ours-dit`` when there is one, else
+    ``ours-dit-p<patch>-w<width>-d<depth>``; name -> (spec, DiTConfig, params). Two specs that match
+    the same network are refused."""
+    out = {}
+    for spec in specs:
+        d, n = match_dit(dit_overrides(dit_cfg, spec), target, text_dim, pooled_dim, 3, cuda)
+        name = "ours-dit" if len(specs) == 1 else f"ours-dit-p{d.patch}-w{d.width}-d{d.depth}"
+        if name in out:
+            raise SystemExit(f"--dit {spec!r}: matches the same DiT as --dit {out[name][0]!r} ({name})")
+        out[name] = (spec, d, n)
+    return out
+
+
 def match_dit(dit_cfg, target: int, text_dim: int, pooled_dim: int, in_ch: int, cuda: bool):
     """A DiTConfig like ``dit_cfg`` (heads, patch, mlp ratio) whose parameter count matches ``target``:
     its width, and its depth only if no width gets within the tolerance."""
@@ -548,10 +562,10 @@ def vs_reference(row: dict, ref: dict) -> float:
 
 
 def build_trainer(name: str, size: int, args, device, cfg, table, m: dict, unet, ours_params: int, text_dim: int,
-                  pooled_dim: int, dit_cfg, cuda: bool):
-    """One model's trainer (network, optimizer, EMA) at ``size``."""
-    if name in ("ours-unet", "ours-dit"):
-        return LoopTrainer(cfg if name == "ours-unet" else dataclasses.replace(cfg, denoiser="dit", dit=dit_cfg),
+                  pooled_dim: int, dits: dict, cuda: bool):
+    """One model's trainer (network, optimizer, EMA) at ``size``; ``dits``: our DiTs' configs by name."""
+    if name == "ours-unet" or name in dits:
+        return LoopTrainer(cfg if name == "ours-unet" else dataclasses.replace(cfg, denoiser="dit", dit=dits[name]),
                            table, size, device)
     from diffusion.train import adamw_kwargs
 
@@ -707,8 +721,9 @@ def main() -> int:
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS), help="default: params.yaml's UNet; "
                     "100m: params/photos-256.yaml's 116M UNet on 2x2-folded pixels")
     ap.add_argument("--params", default=None, help="params file for ours (default: the preset's)")
-    ap.add_argument("--dit", default="", help="KEY=VALUE,... changes to the preset's train.dit before its width is "
-                    "matched (e.g. patch=4,heads=12)")
+    ap.add_argument("--dit", action="append", default=None, metavar="KEY=VALUE,...",
+                    help="changes to the preset's train.dit before its width is matched (e.g. patch=4,heads=12); "
+                         "repeat it to time several DiTs in one run (ours-dit-p4-w768-d9, ...)")
     ap.add_argument("--tokens", type=int, default=16, help="caption token slots (default: 16; 77 = CLIP's context)")
     ap.add_argument("--compile", action="store_true", help="torch.compile ours (train.compile)")
     ap.add_argument("--compile-diffusers", action="store_true", help="torch.compile the diffusers UNet too")
@@ -817,14 +832,15 @@ def main() -> int:
     if unet.blocks_up != unet.blocks_per_level + 1 or unet.upsample != "nearest_conv":
         notes.append(f"ours has up_blocks {unet.up_blocks} and upsample {unet.upsample}; diffusers' up path always has "
                      f"layers_per_block + 1 = {unet.blocks_per_level + 1} blocks a level and upsamples nearest, then conv")
-    dit_cfg = None
+    dits = {}  # our DiTs' configs by model name
     if "dit" in arches:
-        dit_cfg, dit_params = match_dit(dit_overrides(t.dit, args.dit), ours_params, text_dim, pooled_dim, 3, cuda)
-        print(f"ours DiT:  width {dit_cfg.width}, depth {dit_cfg.depth}, {dit_cfg.heads} heads, patch {dit_cfg.patch}, "
-              f"mlp {dit_cfg.mlp_ratio:g} (params' train.dit: width {t.dit.width}, depth {t.dit.depth}): "
-              f"{dit_params:,} params, {dit_params / ours_params:.3f} x our UNet")
-        matching["ours_dit"] = {**dataclasses.asdict(dit_cfg), "params": dit_params,
-                                "ratio_to_ours_unet": dit_params / ours_params}
+        for name, (spec, d, n) in match_dits(t.dit, args.dit or [""], ours_params, text_dim, pooled_dim, cuda).items():
+            dits[name] = d
+            print(f"{name}: width {d.width}, depth {d.depth}, {d.heads} heads, patch {d.patch}, mlp {d.mlp_ratio:g} "
+                  f"(--dit {spec!r} on params' train.dit: width {t.dit.width}, depth {t.dit.depth}): "
+                  f"{n:,} params, {n / ours_params:.3f} x our UNet")
+            matching.setdefault("ours_dits", {})[name] = {**dataclasses.asdict(d), "params": n,
+                                                          "ratio_to_ours_unet": n / ours_params, "spec": spec}
     sys.stdout.flush()
     if args.match_only:
         return 0
@@ -842,11 +858,11 @@ def main() -> int:
                     + (["diffusers-unet-pixels"] if args.diffusers_pixels else [])
             else:
                 notes.append(f"{size}px: the UNet (patch {unet.patch}, {len(unet.channel_mult)} levels) does not tile it")
-        if dit_cfg is not None:
-            if size % dit_cfg.patch == 0:
-                plan.append("ours-dit")
+        for name, d in dits.items():
+            if size % d.patch == 0:
+                plan.append(name)
             else:
-                notes.append(f"{size}px: not a multiple of the DiT patch {dit_cfg.patch}")
+                notes.append(f"{size}px: not a multiple of {name}'s patch {d.patch}")
 
         def failed(name: str, e: Exception, size: int = size) -> None:  # one model failing (a compile error, out of memory)
             log(f"{name} at {size}px FAILED: {type(e).__name__}: {e}")  # leaves the others' rows
@@ -856,7 +872,7 @@ def main() -> int:
             log(f"{name} at {size}px: building, counting FLOPs, {args.warmup} warmup steps")
             try:
                 tr = build_trainer(name, size, args, device, cfg, table, m, unet, ours_params, text_dim, pooled_dim,
-                                   dit_cfg, cuda)
+                                   dits, cuda)
                 return tr, {"size": size, **prepare(name, tr, batches, args, device)}
             except Exception as e:  # noqa: BLE001 (reported; the other models still run)
                 failed(name, e)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from step_profile import kind_of, parse_variant  # noqa: E402
-from train_bench import dit_overrides, finish, vs_reference  # noqa: E402
+from train_bench import TOLERANCE, dit_overrides, finish, match_dits, vs_reference  # noqa: E402
 
 from diffusion.config import DiTConfig  # noqa: E402
 
@@ -63,6 +63,21 @@ def test_dit_overrides_read_each_field_as_its_type_and_refuse_unknown_keys():
         dit_overrides(DiTConfig(), "widht=512")
     with pytest.raises(SystemExit, match="takes a number"):
         dit_overrides(DiTConfig(), "patch=four")
+
+
+def test_several_dits_are_each_matched_and_named_by_their_shape():
+    target = 3_581_420  # the default UNet's parameters
+    one = match_dits(DiTConfig(), ["patch=4"], target, 384, 384, cuda=False)
+    assert list(one) == ["ours-dit"] and one["ours-dit"][1].patch == 4
+    two = match_dits(DiTConfig(), ["patch=2", "patch=4,heads=4,depth=6"], target, 384, 384, cuda=False)
+    assert len(two) == 2
+    for name, (spec, cfg, n) in two.items():
+        assert name == f"ours-dit-p{cfg.patch}-w{cfg.width}-d{cfg.depth}" and abs(n / target - 1) <= TOLERANCE
+    (_, deep, _), (_, shallow, _) = two.values()
+    assert (deep.patch, shallow.patch, shallow.heads, shallow.depth) == (2, 4, 4, 6)
+    assert shallow.width > deep.width and shallow.width % 4 == 0  # fewer blocks, so wider for the same count
+    with pytest.raises(SystemExit, match="matches the same DiT"):
+        match_dits(DiTConfig(), ["patch=4", "patch=4,heads=6"], target, 384, 384, cuda=False)
 
 
 def test_step_profile_splits_and_profiles_the_loops_step_on_the_cpu(tmp_path):
