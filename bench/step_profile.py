@@ -137,8 +137,8 @@ def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
     p = load_params(ROOT / args.params, overrides)
     cfg = dataclasses.replace(p.train, batch_size=args.batch, grad_accum=1, nproc_per_node=1, nnodes=1,
                               seed=args.seed)
-    text_dim, pooled_dim, _ = text_dims(p.embed)
-    table = synthetic_table(1024, args.tokens, text_dim, pooled_dim, args.seed, {"synthetic": True})
+    text_dim, pooled_dim, layer = text_dims(p.embed)  # the layer decides train.unseen_words, as in the loop
+    table = synthetic_table(1024, args.tokens, text_dim, pooled_dim, args.seed, {"layer": layer, "synthetic": True})
     batches = make_batches(4, args.batch, args.size, 1024, args.seed, pin=device.type == "cuda")
     t0 = time.perf_counter()
     tr = LoopTrainer(cfg, table, args.size, device)

@@ -78,8 +78,9 @@ Matching (printed at the start of a run, and in the JSON):
   the fused attention kernels), then the closest count; the run stops (exit 2) if none is within
   10%. Heads: the count that gives those head dims. Its transformer blocks are heavier per width
   (GEGLU MLP x4, proj_in/out) than ours (GELU MLP x2), so it comes out narrower. GroupNorm
-  groups: gcd(32, widths). Default preset: 44 x [1, 2, 2], 4 heads (11 heads of 8 on CUDA),
-  3,619,364 vs our 3,581,420 parameters (1.011); 100m: 112 x [1, 2, 3, 4], 7 heads (head dims
+  groups: gcd(32, widths). Default preset: 28 x [1, 2, 2], 4 heads (head dims 14 to our 16),
+  1,556,420 vs our 1,685,836 parameters (0.923; the 48-wide UNet default before it, now
+  train.size tiny, got 44 x [1, 2, 2], 3,619,364 vs 3,581,420); 100m: 112 x [1, 2, 3, 4], 7 heads (head dims
   32/48/64, ours too), 109.9M vs our 115.9M (0.948). ``--match-only`` prints it and stops.
 - DiT (``--arch`` dit): the preset's ``train.dit`` with its
   width (multiple of 4 x heads; 8 x heads on CUDA) and if need be its depth chosen to match our
@@ -405,8 +406,8 @@ class FoldedUNet:
 
 
 class DiffusersTrainer:
-    """The diffusers UNet's step, written out as the loop does its own: caption dropout, cond,
-    autocast, diffusers' epsilon MSE, backward, clip, AdamW, schedule, EMA."""
+    """The diffusers UNet's step, written out as the loop does its own: caption dropout, cond (with
+    train.unseen_words), autocast, diffusers' epsilon MSE, backward, clip, AdamW, schedule, EMA."""
 
     def __init__(self, match: dict, patch: int, cfg, table, device, opt_kwargs: dict, channels_last: bool,
                  compile_: bool):
@@ -438,10 +439,14 @@ class DiffusersTrainer:
         import torch
         import torch.nn.functional as F
 
+        from diffusion.train import add_unseen_words
+
         rows = batch.rows
         drop = torch.rand(rows.shape, generator=self.gen) < self.cfg.cond_dropout
         rows = torch.where(drop, torch.full_like(rows, self.text.empty), rows)
         cond = self.text.cond(rows)
+        if self.cfg.unseen_words > 0 and self.text.word_vectors:  # the loop's caption augmentation too
+            cond = add_unseen_words(cond, ~drop, self.cfg.unseen_words, self.cfg.unseen_words_max, self.gen)
         x0 = batch.x0.to(self.device, non_blocking=True)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)

@@ -205,6 +205,11 @@ class TrainConfig:
     # not ema_decay, sets it below about 9000 steps for 0.999 (0.9955 at step 2000)
     ema_decay: float = 0.999
     cond_dropout: float = 0.1  # caption dropout for classifier-free guidance
+    # the chance that a training caption gets 1..unseen_words_max extra random word vectors, as the
+    # words of a prompt the model never saw would add: it learns to read past them (tables of word
+    # vectors only, embed.layer token_embedding; off for contextual states); 0: the seed's captions
+    unseen_words: float = 0.0
+    unseen_words_max: int = 3
     # objective: the seed's DDPM (linear betas, epsilon prediction, MSE) ...
     timesteps: int = 1000
     beta_min: float = 1.0e-4
@@ -233,7 +238,7 @@ class TrainConfig:
     rdzv_endpoint: str = "127.0.0.1:29400"
     rdzv_id: str = "t2i-train"
     denoiser: str = "unet"  # unet | dit (diffusion.dit): the network behind the same denoiser contract
-    # custom: train.unet / train.dit as written; tiny (the default's 3.6M UNet) | small (~30M) | base
+    # custom: train.unet / train.dit as written; tiny (a 3.6M UNet, 48 wide) | small (~30M) | base
     # (~110M): SIZE_PRESETS replaces both (any resolution that is a multiple of 16)
     size: str = "custom"
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -574,6 +579,7 @@ def _validate(p: Params) -> None:
         ("ingest.samples_per_shard", p.ingest.samples_per_shard),
         ("train.steps", p.train.steps), ("train.batch_size", p.train.batch_size),
         ("train.grad_accum", p.train.grad_accum), ("train.keep_checkpoints", p.train.keep_checkpoints),
+        ("train.unseen_words_max", p.train.unseen_words_max),
         ("train.nproc_per_node", p.train.nproc_per_node), ("train.nnodes", p.train.nnodes),
         ("judge.steps", p.judge.steps), ("sample.steps", p.sample.steps),
         ("sample.per_combo", p.sample.per_combo), ("embed.batch_size", p.embed.batch_size),
@@ -590,6 +596,8 @@ def _validate(p: Params) -> None:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0 <= t.cond_dropout < 1:
         raise ConfigError(f"train.cond_dropout must be in [0, 1), got {t.cond_dropout}")
+    if not 0 <= t.unseen_words <= 1:
+        raise ConfigError(f"train.unseen_words must be in [0, 1], got {t.unseen_words}")
     for name in p.sweep.samplers:
         if name not in CHOICES["sample.sampler"]:
             raise ConfigError(f"sweep.samplers: {name!r} is not one of {', '.join(CHOICES['sample.sampler'])}")

@@ -32,6 +32,7 @@ from diffusion.shards import caption_id
 
 EMPTY_CAPTION = ""
 TABLE_FILES = ("embeddings.safetensors", "captions.parquet", "fingerprint.json")
+WORD_VECTORS = "token_embedding"  # embed.layer: each word's vector (after ln_final), pooled = their mean
 
 
 def model_config(model: str) -> dict:
@@ -132,7 +133,7 @@ class TextEncoder:
         lengths = ids.argmax(dim=-1) + 1  # end-of-text has the largest id in CLIP's vocabulary
         length = int(lengths.max())
         mask = torch.arange(length, device=ids.device)[None] < lengths[:, None]
-        if self.layer == "token_embedding":
+        if self.layer == WORD_VECTORS:
             tokens = self.model.ln_final(self.model.token_embedding(ids[:, :length]))
             pooled = (tokens * mask[..., None]).sum(1) / lengths[:, None]
             return tokens.float(), mask, pooled.float()
@@ -179,7 +180,7 @@ def resolve_layer(layer: str, pretrained: str | None) -> str:
     (``token_embedding``) are the same wherever a word stands. Trained weights make the last
     layer's states carry meaning in context, which is what a pretrained tower is for."""
     if layer == "auto":
-        return "token_embedding" if pretrained is None else "last"
+        return WORD_VECTORS if pretrained is None else "last"
     return layer
 
 

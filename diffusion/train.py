@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -40,7 +41,7 @@ from diffusion.latents import LatentSpec
 from diffusion.loss import diffusion_loss
 from diffusion.model import Cond, count_params
 from diffusion.precond import Denoiser
-from diffusion.text import EmbeddingTable, fingerprint_id, pick_device
+from diffusion.text import WORD_VECTORS, EmbeddingTable, fingerprint_id, pick_device
 from diffusion.train_data import Batch, DataPosition, DataSpec, batch_loader
 
 
@@ -270,17 +271,44 @@ class TextTable:
     pooled: torch.Tensor
     lengths: torch.Tensor
     empty: int
+    word_vectors: bool = False  # the tokens are word vectors (the same in any sentence), pooled their mean
 
     @classmethod
     def of(cls, table: EmbeddingTable, device: torch.device) -> "TextTable":
         mask = table.mask.to(device)
-        return cls(table.tokens.to(device), mask, table.pooled.to(device), mask.sum(1).cpu(), table.empty_row)
+        return cls(table.tokens.to(device), mask, table.pooled.to(device), mask.sum(1).cpu(), table.empty_row,
+                   table.fingerprint.get("layer") == WORD_VECTORS)
 
     def cond(self, rows: torch.Tensor) -> Cond:
         """Rows (on the CPU) -> conditioning cut to the longest caption among them."""
         length = int(self.lengths[rows].max())  # from a CPU tensor: no device sync
         rows = rows.to(self.tokens.device, non_blocking=True)
         return Cond(self.tokens[rows, :length].float(), self.mask[rows, :length], self.pooled[rows].float())
+
+
+def add_unseen_words(cond: Cond, keep: torch.Tensor, chance: float, most: int, gen: torch.Generator) -> Cond:
+    """``train.unseen_words``: each caption where ``keep`` (B,) is True gets, with probability
+    ``chance``, 1..``most`` extra random word vectors, and its pooled vector (the mean of its word
+    vectors) takes them in.
+
+    A word that no training caption holds has, in a randomly initialised tower's table, a vector
+    the model never learned to read: a random direction, LayerNorm-ed like every other. Trained
+    only on the training wording, a small model lets such words pull its picture towards what it
+    saw most; trained with some of them in its captions, it learns that they say nothing. The
+    extra vectors are drawn the same way (standard normal, then LayerNorm without affine, as the
+    random tower's ``ln_final``), appended behind the caption's tokens with the mask extended
+    (neither denoiser's cross-attention has positions; the tower's word vectors carry none either).
+    Draws from ``gen`` on the CPU, so a run is reproducible on any device.
+    """
+    b, _, d = cond.tokens.shape
+    n_add = torch.randint(1, most + 1, (b,), generator=gen) * ((torch.rand(b, generator=gen) < chance) & keep)
+    new = F.layer_norm(torch.randn(b, most, d, generator=gen), (d,))
+    added = torch.arange(most)[None] < n_add[:, None]  # (B, most)
+    new = new * added[..., None]
+    dev = cond.tokens.device
+    n = cond.mask.sum(1).float()
+    pooled = (cond.pooled * n[:, None] + new.sum(1).to(dev)) / (n + n_add.to(dev))[:, None]
+    return Cond(torch.cat([cond.tokens, new.to(dev)], 1), torch.cat([cond.mask, added.to(dev)], 1), pooled)
 
 
 def micro_loss(state: TrainState, batch: Batch, text: TextTable, posterior: bool) -> torch.Tensor:
@@ -292,6 +320,8 @@ def micro_loss(state: TrainState, batch: Batch, text: TextTable, posterior: bool
     drop = torch.rand(rows.shape, generator=gen) < cfg.cond_dropout  # classifier-free guidance
     rows = torch.where(drop, torch.full_like(rows, text.empty), rows)
     cond = text.cond(rows)
+    if cfg.unseen_words > 0 and text.word_vectors:
+        cond = add_unseen_words(cond, ~drop, cfg.unseen_words, cfg.unseen_words_max, gen)
     x0 = x0.to(state.device, non_blocking=True)
     if state.device.type == "cuda" and cfg.channels_last and cfg.denoiser == "unet":
         x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -420,6 +450,9 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     spec = DataSpec(shard_urls, cfg.seed, cfg.shuffle_buffer, per_forward, d.rank, d.world, cfg.data_workers, latent)
     data = batch_loader(spec, table, state.positions, pin_memory=device.type == "cuda")
     text = TextTable.of(table, device)
+    if cfg.unseen_words > 0 and not text.word_vectors and d.main:
+        print(f"train.unseen_words {cfg.unseen_words:g} is off: the caption table holds "
+              f"{table.fingerprint.get('layer')!r} states of {table.fingerprint.get('model')}, not word vectors")
     posterior = latent is not None and cfg.latent_sampling == "posterior"
     monitor = Monitor(state)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not (progress and d.main),

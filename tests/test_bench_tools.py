@@ -80,6 +80,26 @@ def test_several_dits_are_each_matched_and_named_by_their_shape():
         match_dits(DiTConfig(), ["patch=4", "patch=4,heads=6"], target, 384, 384, cuda=False)
 
 
+def test_train_flops_counts_the_loops_own_loss_on_real_batches(tiny_shards, tiny_embeddings, tmp_path):
+    import argparse
+
+    import yaml
+    from conftest import tiny_params_dict
+    from train_flops import count_variant
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    args = argparse.Namespace(params=str(params), shards=str(tiny_shards), embeddings=str(tiny_embeddings), batches=2)
+    plain = count_variant("plain", ["train.unseen_words=0"], args)
+    words = count_variant("words", ["train.unseen_words=1"], args)
+    narrow = count_variant("narrow", ["train.unseen_words=0", "train.unet.channels=8"], args)
+    assert plain["word_vectors"] and plain["batches_counted"] == 2 and plain["image_size"] == 16
+    # every caption 1-3 words longer: more cross-attention work, nothing else changes
+    assert plain["gflop_per_img"] < words["gflop_per_img"] < 1.2 * plain["gflop_per_img"]
+    assert narrow["params"] < plain["params"] and narrow["gflop_per_img"] < 0.5 * plain["gflop_per_img"]
+    assert plain["run_pflop"] == pytest.approx(plain["gflop_per_img"] * 1e9 * plain["steps"] * plain["batch_size"] / 1e15)
+
+
 def test_step_profile_splits_and_profiles_the_loops_step_on_the_cpu(tmp_path):
     out = tmp_path / "profile.json"
     cmd = [sys.executable, str(ROOT / "bench/step_profile.py"), "--device", "cpu", "--params", "params.yaml",

@@ -55,6 +55,8 @@ def write(tmp_path, data) -> Path:
         ({"train": {"lr": "fast"}}, "train.lr must be a number, got 'fast'"),
         ({"train": {"steps": 1.5}}, "train.steps must be an integer"),
         ({"train": {"unet": {"channels": "x"}}}, "train.unet.channels must be an integer"),
+        ({"train": {"unseen_words": 1.5}}, "train.unseen_words must be in [0, 1], got 1.5"),
+        ({"train": {"unseen_words_max": 0}}, "train.unseen_words_max must be >= 1, got 0"),
         ({"sample": {"sampler": "plms"}}, "sample.sampler must be one of ddpm, ddim, euler"),
             ({"sample": {"guidance_interval": [5.0, 1.0]}}, "sample.guidance_interval must be"),
             ({"sample": {"spacing": "leading"}}, "sample.spacing must be one of uniform"),
@@ -126,7 +128,7 @@ def test_size_presets_have_their_size_and_fit_every_resolution(size, low, high, 
 def test_learning_rate_null_follows_the_size_and_a_number_overrides_it():
     from diffusion.config import SIZE_LR, TrainConfig
 
-    # params.yaml leaves it null: the default (custom = the tiny UNet) keeps the seed's 1e-3
+    # params.yaml leaves it null: the default (custom: a 32-wide UNet) keeps the seed's 1e-3
     assert load_params(ROOT / "params.yaml").train.lr == 1e-3
     for size in ("tiny", "small", "base"):
         assert load_params(ROOT / "params.yaml", [f"train.size={size}"]).train.lr == SIZE_LR[size]

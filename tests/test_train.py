@@ -174,3 +174,57 @@ def test_the_transformer_denoiser_trains_exports_and_samples_behind_the_same_con
     cond, uncond = table_cond(table, sorted(c for c in table.rows if c)[:2])
     images = generate(den, cond, uncond, [0, 1], 16, SampleConfig(steps=3, batch_size=2))
     assert images.shape == (2, 16, 16, 3)
+
+
+def test_unseen_words_extend_kept_captions_with_word_vectors_and_keep_pooled_their_mean():
+    import torch.nn.functional as F
+
+    from diffusion.model import Cond
+    from diffusion.train import add_unseen_words
+
+    b, length, d = 64, 5, 32
+    g = torch.Generator().manual_seed(0)
+    mask = torch.arange(length)[None] < torch.randint(2, length + 1, (b,), generator=g)[:, None]
+    tokens = F.layer_norm(torch.randn(b, length, d, generator=g), (d,)) * mask[..., None]
+    pooled = tokens.sum(1) / mask.sum(1, keepdim=True)
+    keep = torch.arange(b) % 4 != 0  # the rows caption dropout left alone
+    out = add_unseen_words(Cond(tokens, mask, pooled), keep, 0.5, 3, g)
+    assert out.tokens.shape == (b, length + 3, d) and out.mask.shape == (b, length + 3)
+    assert torch.equal(out.tokens[:, :length], tokens) and torch.equal(out.mask[:, :length], mask)
+    added = out.mask[:, length:].sum(1)
+    assert not added[~keep].any() and set(added[keep].tolist()) == {0, 1, 2, 3}
+    assert torch.equal(out.mask[:, length:], torch.arange(3)[None] < added[:, None])  # packed behind the caption
+    new = out.tokens[:, length:][out.mask[:, length:]]  # like the random tower's words: LayerNorm-ed
+    assert torch.allclose(new.mean(-1), torch.zeros(len(new)), atol=1e-5)
+    assert torch.allclose(new.pow(2).mean(-1), torch.ones(len(new)), atol=1e-3)
+    assert not out.tokens[:, length:][~out.mask[:, length:]].any()
+    mean = (out.tokens * out.mask[..., None]).sum(1) / out.mask.sum(1, keepdim=True)
+    assert torch.allclose(out.pooled, mean, atol=1e-5)
+    assert torch.allclose(out.pooled[~keep], pooled[~keep], rtol=1e-6, atol=0)
+    none = add_unseen_words(Cond(tokens, mask, pooled), keep, 0.0, 3, g)
+    assert not none.mask[:, length:].any() and torch.equal(none.pooled, pooled)
+
+
+def test_unseen_words_change_the_loss_on_word_vectors_and_are_off_for_contextual_states(
+        tiny_params, tiny_shards, tiny_embeddings):
+    from diffusion.distributed import Dist
+    from diffusion.train import TextTable, build_state, micro_loss
+    from diffusion.train_data import DataSpec, batch_loader
+
+    table = EmbeddingTable.load(tiny_embeddings)
+    assert table.fingerprint["layer"] == "token_embedding"  # the random tower's default
+    cfg = replace(tiny_params.train, data_workers=0)
+    state = build_state(cfg, table, 16, None, torch.device("cpu"), Dist())
+    batch = next(batch_loader(DataSpec(list_shards(tiny_shards / "train"), cfg.seed, cfg.shuffle_buffer, 16),
+                              table, state.positions))
+    start = state.gen.get_state()
+
+    def loss(unseen: float, tbl) -> float:
+        state.gen.set_state(start)
+        with torch.no_grad():
+            return micro_loss(replace(state, cfg=replace(cfg, unseen_words=unseen)), batch,
+                              TextTable.of(tbl, torch.device("cpu")), False).item()
+
+    contextual = replace(table, fingerprint={**table.fingerprint, "layer": "last"})
+    assert loss(1.0, table) != loss(0.0, table)
+    assert loss(1.0, contextual) == loss(0.0, table) == loss(0.0, contextual)
