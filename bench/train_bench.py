@@ -439,14 +439,7 @@ class DiffusersTrainer:
         import torch
         import torch.nn.functional as F
 
-        from diffusion.train import add_unseen_words
-
-        rows = batch.rows
-        drop = torch.rand(rows.shape, generator=self.gen) < self.cfg.cond_dropout
-        rows = torch.where(drop, torch.full_like(rows, self.text.empty), rows)
-        cond = self.text.cond(rows)
-        if self.cfg.unseen_words > 0 and self.text.word_vectors:  # the loop's caption augmentation too
-            cond = add_unseen_words(cond, ~drop, self.cfg.unseen_words, self.cfg.unseen_words_max, self.gen)
+        cond = self.text.training_cond(batch.rows, self.cfg, self.gen)  # the loop's own
         x0 = batch.x0.to(self.device, non_blocking=True)
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)

@@ -285,6 +285,16 @@ class TextTable:
         rows = rows.to(self.tokens.device, non_blocking=True)
         return Cond(self.tokens[rows, :length].float(), self.mask[rows, :length], self.pooled[rows].float())
 
+    def training_cond(self, rows: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> Cond:
+        """What a training step conditions on: caption dropout for classifier-free guidance
+        (``train.cond_dropout``: the row becomes the empty caption), the cut to the longest caption,
+        then ``train.unseen_words`` on the captions kept (word-vector tables only); draws from ``gen``."""
+        drop = torch.rand(rows.shape, generator=gen) < cfg.cond_dropout
+        cond = self.cond(torch.where(drop, torch.full_like(rows, self.empty), rows))
+        if cfg.unseen_words > 0 and self.word_vectors:
+            cond = add_unseen_words(cond, ~drop, cfg.unseen_words, cfg.unseen_words_max, gen)
+        return cond
+
 
 def add_unseen_words(cond: Cond, keep: torch.Tensor, chance: float, most: int, gen: torch.Generator) -> Cond:
     """``train.unseen_words``: each caption where ``keep`` (B,) is True gets, with probability
@@ -314,14 +324,10 @@ def add_unseen_words(cond: Cond, keep: torch.Tensor, chance: float, most: int, g
 def micro_loss(state: TrainState, batch: Batch, text: TextTable, posterior: bool) -> torch.Tensor:
     """The loss of one micro-batch (caption dropout for guidance, a fresh latent draw), on the device."""
     cfg, gen = state.cfg, state.gen
-    x0, rows = batch.x0, batch.rows
+    x0 = batch.x0
     if posterior:  # a fresh draw of each image's latent distribution
         x0 = x0 + batch.std * torch.randn(x0.shape, generator=gen)
-    drop = torch.rand(rows.shape, generator=gen) < cfg.cond_dropout  # classifier-free guidance
-    rows = torch.where(drop, torch.full_like(rows, text.empty), rows)
-    cond = text.cond(rows)
-    if cfg.unseen_words > 0 and text.word_vectors:
-        cond = add_unseen_words(cond, ~drop, cfg.unseen_words, cfg.unseen_words_max, gen)
+    cond = text.training_cond(batch.rows, cfg, gen)
     x0 = x0.to(state.device, non_blocking=True)
     if state.device.type == "cuda" and cfg.channels_last and cfg.denoiser == "unet":
         x0 = x0.contiguous(memory_format=torch.channels_last)
