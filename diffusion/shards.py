@@ -130,7 +130,7 @@ _COMPRESSED = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz")
 _REGULAR = (b"0", b"\0", b"7")  # regular and contiguous files: the members that carry a sample's bytes
 _NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: no data blocks follow
 _SAMPLE_NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key: the path up to the last part's first dot
-_META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members, never a sample's
+_META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members: __x__ and __x__/...
 
 
 def _tar_int(field: bytes, where: str) -> int:
@@ -253,7 +253,7 @@ def raw_samples(urls: Iterable[str]) -> Iterator[dict]:
         sample: dict | None = None
         with _open_shard(url) as stream:
             for name, data in tar_files(stream, url):
-                if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META_NAME.match(name):
+                if _META_NAME.match(name):
                     continue
                 m = _SAMPLE_NAME.match(name)
                 if m is None:
