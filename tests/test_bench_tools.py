@@ -103,7 +103,7 @@ def test_train_flops_counts_the_loops_own_loss_on_real_batches(tiny_shards, tiny
 def test_step_profile_splits_and_profiles_the_loops_step_on_the_cpu(tmp_path):
     out = tmp_path / "profile.json"
     cmd = [sys.executable, str(ROOT / "bench/step_profile.py"), "--device", "cpu", "--params", "params.yaml",
-           "--size", "16", "--batch", "8", "--steps", "2", "--warmup", "1", "--profile", "--profile-steps", "1",
+           "--size", "16", "--batch", "8", "--steps", "5", "--warmup", "2", "--profile", "--profile-steps", "1",
            "--top", "3", "--out", str(out),
            "--variant", "unet=",
            "--variant", "dit=train.denoiser=dit,train.dit.width=48,train.dit.depth=2,train.dit.heads=2",
