@@ -226,6 +226,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2  # checkpoint.pt (the newest) and the K-1 before it (checkpoint-<step>.pt)
     log_every: int = 50
+    # every N steps rank 0 draws the EMA's sample grid (the train stage's captions and seeds) and logs
+    # it to MLflow as train_samples/step_<N>.png, to watch a long run; 0: only the finished model's
+    sample_every: int = 0
     threads: int = 0  # torch CPU threads; 0 = torch's default
     # the GPU path: auto = bf16 autocast on CUDA, fp32 on the CPU; fp16 trains with a grad scaler
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -587,6 +590,9 @@ def _validate(p: Params) -> None:
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    for key, value in [("train.sample_every", p.train.sample_every)]:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
     t = p.train
     if not 0 < t.beta_min < t.beta_max < 1:
         raise ConfigError("train.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")

@@ -86,14 +86,24 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     captions = sorted(c for c in table.rows if c)
     grid_captions = captions[:: max(1, len(captions) // TRAIN_GRID_SIZE)][:TRAIN_GRID_SIZE]
 
+    codecs = []  # the VAE, loaded once for every grid of the run
+
     def grid_fn(denoiser, step):
+        """The grid of the same captions and seeds at every call (train.sample_every, and the end)."""
         if latent is not None:  # decode through the VAE the latents came from
-            denoiser.codec = codec_for(load_vae(latent.vae, subfolder=latent.vae_subfolder, config=latent.vae_config),
-                                       {"latents": latent.as_dict()}, next(denoiser.net.parameters()).device, p.latents)
-        cond, uncond = table_cond(table, grid_captions)
-        images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), image_size, SampleConfig())
+            if not codecs:
+                vae = load_vae(latent.vae, subfolder=latent.vae_subfolder, config=latent.vae_config)
+                codecs.append(codec_for(vae, {"latents": latent.as_dict()}, next(denoiser.net.parameters()).device,
+                                        p.latents))
+            denoiser.codec = codecs[0]
+        try:
+            cond, uncond = table_cond(table, grid_captions)
+            images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), image_size, SampleConfig())
+        finally:
+            denoiser.codec = None  # the EMA being trained must not carry the VAE's weights
         grid = make_grid(images, grid_captions)
-        grid.save(out / art.TRAIN_GRID)
+        if step >= p.train.steps:
+            grid.save(out / art.TRAIN_GRID)
         return grid
 
     from diffusion import distributed

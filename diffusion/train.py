@@ -62,6 +62,8 @@ class NullLogger:
 # --------------------------------------------------------------------------------------------
 # Code identity and the schedule
 
+PREVIEW_DIR = "train_samples"  # the MLflow artifact folder of train.sample_every's grids
+
 CODE_FILES = ("train.py", "train_data.py", "model.py", "dit.py", "precond.py", "loss.py", "schedules.py")
 
 
@@ -206,6 +208,15 @@ def older_checkpoints(out: Path) -> list[Path]:
     return sorted(out.glob("checkpoint-*.pt"))
 
 
+# train keys that change what is logged or kept, not the weights: a run resumes across them
+_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
+
+
+def _trajectory(meta: dict) -> dict:
+    """``meta`` without the bookkeeping keys: what a checkpoint must match to be resumed."""
+    return {**meta, "train": {k: v for k, v in meta["train"].items() if k not in _BOOKKEEPING}}
+
+
 def resume(state: TrainState, out: Path) -> None:
     """Continue from ``out``/checkpoint.pt when it was written with the same settings and code
     (every rank reads the same file and takes its own data positions and random streams)."""
@@ -217,7 +228,7 @@ def resume(state: TrainState, out: Path) -> None:
         if state.dist.main:
             print(f"{path} is a finished run: training anew")
         return
-    if ckpt["meta"] != state.meta:
+    if _trajectory(ckpt["meta"]) != _trajectory(state.meta):
         if state.dist.main:
             print(f"ignoring {path}: it was written with different settings")
         return
@@ -407,6 +418,11 @@ class Monitor:
             raise T2IError(f"training diverged: non-finite loss or gradient at step {int(first)}; {kept}. "
                            "Lower train.lr or train.grad_clip, or try train.precision fp32")
 
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` of other work (a preview grid) out of img_per_s and data_wait_fraction."""
+        self.t_start += seconds
+        self.t_log += seconds
+
     def metrics(self) -> dict[str, float]:
         now = time.perf_counter()
         loss = distributed.all_mean(self.loss_sum / max(1, self.n), self.state.dist)
@@ -423,6 +439,14 @@ class Monitor:
 # The loop
 
 
+def preview(state: TrainState, grid_fn):
+    """The EMA's sample grid in the middle of a run (``train.sample_every``). Sampling draws from
+    its own seeded generators, so the run's weights and data order are those of a run without it."""
+    state.ema.eval()
+    with torch.no_grad():
+        return grid_fn(state.ema, state.step)
+
+
 def export(state: TrainState, out: Path, summary: dict) -> None:
     state.ema.eval()
     save_model(state.ema, out, {**state.meta, "steps_done": state.step, "params": count_params(state.model.net),
@@ -436,7 +460,9 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
 
     ``shard_urls`` are image shards, or latent shards with ``latent`` saying which latent space
     (the latents stage); ``image_size`` is the side of the images the model produces.
-    ``grid_fn(denoiser, step) -> PIL.Image`` may render a sample grid at the end for the logger.
+    ``grid_fn(denoiser, step) -> PIL.Image`` may render a sample grid at the end for the logger
+    (as sample_grid.png), and every ``train.sample_every`` steps before it (as
+    train_samples/step_<step>.png).
     Under torchrun, call it on every rank: rank 0 logs and writes. Returns the directory holding
     model.safetensors and model.json.
     """
@@ -478,6 +504,10 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             monitor.check(out / CHECKPOINT)
             save_checkpoint(state, out)
+        if grid_fn is not None and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and d.main:
+            t0 = time.perf_counter()
+            logger.log_image(preview(state, grid_fn), f"{PREVIEW_DIR}/step_{step:07d}.png")
+            monitor.pause(time.perf_counter() - t0)
     bar.close()
     elapsed = time.perf_counter() - monitor.t_start
     summary = {"train_seconds": elapsed, "train_img_per_s": monitor.seen / elapsed if elapsed > 0 else 0.0}

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import tiny_params_dict
 from corpus import encode, picture
@@ -207,14 +208,23 @@ def test_train_sample_register_in_latent_space(ingested, tmp_path, vae_dir):
     root, p = ingested
     stages.latents(p, root / "shards", tmp_path / "latents", progress=False)
     stages.embed(p, root / "shards", tmp_path / "emb")
-    info = stages.train(p, root / "shards", tmp_path / "emb", tmp_path / "model", progress=False,
+    # train.sample_every: a preview grid mid-run, decoded through the VAE like the final one
+    p_previews = parse_params({**_as_dict(p), "train": {**_as_dict(p)["train"], "sample_every": 6}}, "test")
+    info = stages.train(p_previews, root / "shards", tmp_path / "emb", tmp_path / "model", progress=False,
                         latents_dir=tmp_path / "latents")
-    assert info["steps"] == p.train.steps
+    assert info["steps"] == p.train.steps == 12
     meta = art.model_meta(tmp_path / "model")
     assert meta["latents"]["channels"] == 4 and meta["latents"]["size"] == 8 and meta["image_size"] == IMAGE_SIZE
     den, _ = art.load_model(tmp_path / "model")
     assert den.net.stem.in_channels == 4 * p.train.unet.patch ** 2 and den.codec is not None
+    assert set(load_file(str(tmp_path / "model" / "model.safetensors"))) == set(den.net.state_dict())  # no VAE in it
     assert Image.open(tmp_path / "model" / art.TRAIN_GRID).width > 100
+    run = art.read_run_file(tmp_path / "model")
+    client = mlflow.MlflowClient(tracking_uri=run["tracking_uri"])
+    previews = [a.path for a in client.list_artifacts(run["run_id"], "train_samples")]
+    assert previews == ["train_samples/step_0000006.png"]
+    grid = Image.open(client.download_artifacts(run["run_id"], previews[0], str(tmp_path)))
+    assert grid.size == Image.open(tmp_path / "model" / art.TRAIN_GRID).size
 
     stages.sample(p, root / "shards", tmp_path / "model", tmp_path / "samples", progress=False)
     manifest = art.read_manifest(tmp_path / "samples")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion.config import SampleConfig
-from diffusion.generate import generate, table_cond
+from diffusion.generate import generate, make_grid, table_cond
 from diffusion.shards import list_shards
 from diffusion.text import EmbeddingTable
 from diffusion.artifacts import load_model
@@ -18,6 +18,7 @@ from diffusion.train_data import DataPosition, ShardStream
 class Recorder:
     def __init__(self, stop_at=None):
         self.metrics, self.images, self.stop_at = [], [], stop_at
+        self.pictures = {}
 
     def log_metrics(self, metrics, step):
         self.metrics.append((step, metrics))
@@ -26,6 +27,7 @@ class Recorder:
 
     def log_image(self, image, name):
         self.images.append(name)
+        self.pictures[name] = np.asarray(image)
 
 
 def test_stream_is_seeded_and_resumable(tiny_shards, tiny_params):
@@ -80,6 +82,51 @@ def test_killed_run_resumes_to_the_same_weights(tiny_params, tiny_shards, tiny_e
     b = load_file(str(tmp_path / "killed" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sample_previews_are_logged_and_change_nothing_else(tiny_params, tiny_shards, tiny_embeddings, tmp_path,
+                                                             capsys):
+    """train.sample_every draws the EMA's grid with the real sampler every N steps, logged under
+    train_samples/; the weights come out bit for bit those of a run without previews (sampling
+    draws from its own generators), and a run killed without previews resumes with them on."""
+    table = EmbeddingTable.load(tiny_embeddings)
+    urls = list_shards(tiny_shards / "train")
+    captions = sorted(c for c in table.rows if c)[:2]
+    cond, uncond = table_cond(table, captions)
+    drawn = []
+
+    def grid_fn(den, step):
+        drawn.append(step)
+        return make_grid(generate(den, cond, uncond, [0, 1], 16, SampleConfig(steps=3, batch_size=2)), captions)
+
+    cfg = tiny_params.train  # 12 steps, a checkpoint every 6, logs every 4
+    assert cfg.steps == 12 and cfg.checkpoint_every == 6 and cfg.sample_every == 0
+    train(cfg, urls, table, tmp_path / "plain", image_size=16, progress=False)
+    rec = Recorder()
+    train(replace(cfg, sample_every=5), urls, table, tmp_path / "previews", image_size=16, logger=rec,
+          grid_fn=grid_fn, progress=False)
+    assert rec.images == ["train_samples/step_0000005.png", "train_samples/step_0000010.png", "sample_grid.png"]
+    assert drawn == [5, 10, 12]
+    early, late = rec.pictures["train_samples/step_0000005.png"], rec.pictures["train_samples/step_0000010.png"]
+    assert early.shape == late.shape and not np.array_equal(early, late)  # the same seeds, a later EMA
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    previews = load_file(str(tmp_path / "previews" / "model.safetensors"))
+    assert set(plain) == set(previews)  # no sampler or VAE state left in the exported network
+    for k in plain:
+        assert torch.equal(plain[k], previews[k]), k
+
+    # killed at step 8 (checkpoint at 6) without previews, resumed with them: previews are
+    # bookkeeping, so the checkpoint is taken and the weights are still the plain run's
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, urls, table, tmp_path / "resumed", image_size=16, logger=Recorder(stop_at=8), progress=False)
+    drawn.clear()
+    capsys.readouterr()
+    train(replace(cfg, sample_every=5, log_every=3), urls, table, tmp_path / "resumed", image_size=16,
+          logger=Recorder(), grid_fn=grid_fn, progress=False)
+    assert "resuming from" in capsys.readouterr().out and drawn == [10, 12]
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    for k in plain:
+        assert torch.equal(plain[k], resumed[k]), k
 
 
 def test_generation_depends_on_seed_not_batch(tiny_params, tiny_shards, tiny_embeddings, tmp_path):
