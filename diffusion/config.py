@@ -168,6 +168,9 @@ class UNetConfig:
     # nearest_conv: nearest 2x, then a 3x3 conv (ADM, diffusers); conv_nearest: a 3x3 conv at the
     # lower resolution to the next level's width, then nearest 2x (a quarter of the FLOPs or less)
     upsample: str = "nearest_conv"
+    # the caption's token states projected once to this width for every block's cross-attention
+    # keys and values (null: each block projects the text tower's full width itself, as diffusers)
+    ctx_dim: Optional[int] = None
 
     @property
     def blocks_up(self) -> int:
@@ -627,6 +630,8 @@ def _validate(p: Params) -> None:
     if not 1 <= u.blocks_up <= u.blocks_per_level + 1:
         raise ConfigError(f"train.unet.up_blocks must be 1..blocks_per_level + 1 = {u.blocks_per_level + 1} "
                           f"(or null), got {u.up_blocks}")
+    if u.ctx_dim is not None and u.ctx_dim < 1:
+        raise ConfigError(f"train.unet.ctx_dim must be >= 1 (or null), got {u.ctx_dim}")
     if p.latents.scaling_factor is not None and p.latents.scaling_factor <= 0:
         raise ConfigError(f"latents.scaling_factor must be > 0 (or null), got {p.latents.scaling_factor}")
     if not p.latents.vae:  # latent models: checked against the latent size the VAE gives (at train)

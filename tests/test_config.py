@@ -58,6 +58,7 @@ def write(tmp_path, data) -> Path:
         ({"train": {"unseen_words": 1.5}}, "train.unseen_words must be in [0, 1], got 1.5"),
         ({"train": {"unseen_words_max": 0}}, "train.unseen_words_max must be >= 1, got 0"),
         ({"train": {"sample_every": -5}}, "train.sample_every must be >= 0 (0: off), got -5"),
+        ({"train": {"unet": {"ctx_dim": 0}}}, "train.unet.ctx_dim must be >= 1 (or null), got 0"),
         ({"sample": {"sampler": "plms"}}, "sample.sampler must be one of ddpm, ddim, euler"),
             ({"sample": {"guidance_interval": [5.0, 1.0]}}, "sample.guidance_interval must be"),
             ({"sample": {"spacing": "leading"}}, "sample.spacing must be one of uniform"),

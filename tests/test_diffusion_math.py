@@ -7,7 +7,7 @@ import torch
 
 from diffusion.config import UNetConfig
 from diffusion.loss import diffusion_loss
-from diffusion.model import Cond, UNet
+from diffusion.model import Cond, UNet, count_params
 from diffusion.precond import Denoiser, GuidedDenoiser
 from diffusion.samplers import SAMPLERS, ancestral_step, initial_noise, network_evals, sample_ancestral, sampler_fn
 from diffusion.schedules import SPACINGS, ddpm_sigmas, linear_betas, sampling_sigmas, sigma_to_t
@@ -207,6 +207,42 @@ def test_unet_up_path_options_keep_the_shapes_and_cut_the_flops():
     assert flops[1, "conv_nearest"] < min(flops[1, "nearest_conv"], flops[None, "conv_nearest"])
     # GroupNorm keeps >= 3 channels a group where gcd(32, ch) would not (32 -> 8 groups, not 32)
     assert [group_norm(ch).num_groups for ch in (12, 32, 48, 64, 96, 256)] == [4, 8, 16, 16, 32, 32]
+
+
+def test_unet_ctx_dim_projects_the_caption_once_for_every_block():
+    """ctx_dim: one projection of the caption tokens, every block's keys and values read its width;
+    fewer FLOPs and parameters, the same contract, and padding still ignored (a masked-out token's
+    values change nothing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffusion.model import Attention
+
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
+    c = Cond(torch.randn(2, 6, 32), torch.tensor([[True] * 6, [True] * 3 + [False] * 3]), torch.randn(2, 8))
+    flops, params = {}, {}
+    for ctx_dim in (None, 8):
+        torch.manual_seed(0)
+        net = UNet(UNetConfig(channels=16, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=2, ctx_dim=ctx_dim),
+                   text_dim=32, pooled_dim=8)
+        for m in net.modules():  # a non-trivial output: the zero-initialised layers made random
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+                torch.nn.init.normal_(m.weight, std=0.1)
+        cross = [b.cross_attn for b in net.modules() if hasattr(b, "cross_attn")]
+        assert len(cross) == 7 and all(isinstance(a, Attention) for a in cross)
+        assert {a.kv.in_features for a in cross} == {ctx_dim or 32}
+        assert isinstance(net.ctx_proj, torch.nn.Linear) == (ctx_dim is not None)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = net(x, t, c)
+        assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().mean() > 0
+        out.square().mean().backward()
+        assert all(p.grad is not None for p in net.parameters()), "a module the forward never uses"
+        padded = Cond(c.tokens.clone(), c.mask, c.pooled)
+        padded.tokens[1, 3:] = 100.0  # the masked-out tail of the second caption
+        with torch.no_grad():
+            assert torch.allclose(net(x, t, padded), out.detach(), atol=1e-5)
+        flops[ctx_dim], params[ctx_dim] = counter.get_total_flops(), count_params(net)
+    assert flops[8] < flops[None] and params[8] < params[None]
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
