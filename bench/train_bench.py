@@ -68,7 +68,9 @@ Matching (printed at the start of a run, and in the JSON):
   (DownBlock2D where we have no attention, CrossAttnDownBlock2D where we do; the mirror image up,
   UNetMidBlock2DCrossAttn), ``layers_per_block`` = blocks_per_level (both have one more block a
   level on the way up), ``resnet_time_scale_shift="scale_shift"`` (our ResBlocks' FiLM),
-  ``use_linear_projection``, ``cross_attention_dim`` = text width, the pooled vector through
+  ``use_linear_projection``, ``cross_attention_dim`` = text width (where ours projects the
+  caption once, ``train.unet.ctx_dim``: diffusers' ``encoder_hid_dim_type="text_proj"`` to
+  ``cross_attention_dim`` = ctx_dim, the same one projection), the pooled vector through
   ``class_embed_type="projection"`` (an MLP added to the timestep embedding, where ours adds one
   Linear: both sides use it), the caption mask as ``encoder_attention_mask``. It runs on the same
   space-to-depth input (``pixel_unshuffle`` before, ``pixel_shuffle`` after, ``in_channels`` =
@@ -178,13 +180,18 @@ def attn_widths(u, base: int | None = None) -> list[int]:
 def diffusers_kwargs(u, base: int, heads: int, text_dim: int, pooled_dim: int, in_ch: int) -> dict:
     n = len(u.channel_mult)
     widths = unet_widths(u, base)
+    # ours with train.unet.ctx_dim projects the caption once for every block: diffusers' text_proj
+    # (encoder_hid_proj) does the same, its blocks then reading cross_attention_dim = ctx_dim
+    ctx = {} if not u.ctx_dim else \
+        {"encoder_hid_dim": text_dim, "encoder_hid_dim_type": "text_proj"}
     return {
         "sample_size": None, "in_channels": in_ch, "out_channels": in_ch,
         "down_block_types": tuple("CrossAttnDownBlock2D" if i in u.attn_levels else "DownBlock2D" for i in range(n)),
         "up_block_types": tuple("CrossAttnUpBlock2D" if i in u.attn_levels else "UpBlock2D" for i in reversed(range(n))),
         "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": tuple(widths),
         "layers_per_block": u.blocks_per_level, "norm_num_groups": math.gcd(32, *widths),
-        "cross_attention_dim": text_dim, "attention_head_dim": heads,  # diffusers: this is the head COUNT
+        "cross_attention_dim": u.ctx_dim or text_dim, **ctx,
+        "attention_head_dim": heads,  # diffusers: this is the head COUNT
         "use_linear_projection": True, "class_embed_type": "projection",
         "projection_class_embeddings_input_dim": pooled_dim, "resnet_time_scale_shift": "scale_shift",
         "dropout": u.dropout,
@@ -809,10 +816,12 @@ def main() -> int:
           f"(random, float16 table, 8-{args.tokens} real tokens a caption)")
     print(f"ours:      UNet channels {unet.channels} x {unet.channel_mult}, {unet.blocks_per_level} block(s) a level "
           f"({unet.blocks_up} up, upsample {unet.upsample}), attention at levels {unet.attn_levels} + mid, {unet.heads} heads (dims {m['ours_head_dims']}), "
+          f"{'caption projected once to ' + str(unet.ctx_dim) + ', ' if unet.ctx_dim else ''}"
           f"patch {unet.patch}: {ours_params:,} params")
     print(f"diffusers: UNet2DConditionModel block_out_channels {kw['block_out_channels']}, layers_per_block "
           f"{kw['layers_per_block']}, down {kw['down_block_types']}, up {kw['up_block_types']}, {m['heads']} heads "
-          f"(dims {m['head_dims']}), norm groups {kw['norm_num_groups']}, cross_attention_dim {text_dim}, "
+          f"(dims {m['head_dims']}), norm groups {kw['norm_num_groups']}, cross_attention_dim {kw['cross_attention_dim']}"
+          f"{' (text_proj from ' + str(text_dim) + ')' if kw.get('encoder_hid_dim') else ''}, "
           f"class_embed_type projection ({pooled_dim}), scale_shift, linear projection, on the {unet.patch}x{unet.patch}-folded "
           f"input ({in_ch} channels): {m['params']:,} params")
     print(f"parameters diffusers / ours = {m['ratio']:.3f}")

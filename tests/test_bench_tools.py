@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from step_profile import kind_of, parse_variant  # noqa: E402
-from train_bench import TOLERANCE, dit_overrides, finish, match_dits, vs_reference  # noqa: E402
+from train_bench import TOLERANCE, dit_overrides, finish, match_diffusers, match_dits, vs_reference  # noqa: E402
 
-from diffusion.config import DiTConfig  # noqa: E402
+from diffusion.config import DiTConfig, UNetConfig  # noqa: E402
 
 
 def test_kernel_kinds_put_attention_before_its_fprop_and_keep_annotations_apart():
@@ -78,6 +78,28 @@ def test_several_dits_are_each_matched_and_named_by_their_shape():
     assert shallow.width > deep.width and shallow.width % 4 == 0  # fewer blocks, so wider for the same count
     with pytest.raises(SystemExit, match="matches the same DiT"):
         match_dits(DiTConfig(), ["patch=4", "patch=4,heads=6"], target, 384, 384, cuda=False)
+
+
+def test_diffusers_projects_the_caption_once_where_ours_does():
+    """train.unet.ctx_dim: the matched diffusers UNet gets text_proj (encoder_hid_proj) to the same
+    width, so both read the caption through one projection; without it both read the text width."""
+    from diffusers import UNet2DConditionModel
+    from torch import nn
+
+    from diffusion.model import UNet, count_params
+
+    for ctx_dim in (None, 64):
+        u = UNetConfig(channels=32, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=4, ctx_dim=ctx_dim)
+        ours = count_params(UNet(u, text_dim=256, pooled_dim=256))
+        m = match_diffusers(u, ours, 256, 256, 12, cuda=False)
+        assert abs(m["ratio"] - 1) <= TOLERANCE
+        net = UNet2DConditionModel(**m["kwargs"])
+        keys = {mod.to_k.in_features for mod in net.modules() if hasattr(mod, "to_k") and mod.is_cross_attention}
+        assert keys == {ctx_dim or 256}
+        proj = net.encoder_hid_proj
+        assert (proj is None) == (ctx_dim is None)
+        if ctx_dim:
+            assert isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) == (256, 64)
 
 
 def test_train_flops_counts_the_loops_own_loss_on_real_batches(tiny_shards, tiny_embeddings, tmp_path):
