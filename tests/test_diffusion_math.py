@@ -178,11 +178,26 @@ def cond(b, length=3):
     return Cond(torch.randn(b, length, 8), torch.ones(b, length, dtype=torch.bool), torch.randn(b, 8))
 
 
+def forward_backward_flops(net, x, t, c):
+    """The UNet's output and forward FLOPs, with its zero-initialised layers made random (a
+    non-trivial output), checked finite, and every parameter reached by the backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.1)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = net(x, t, c)
+    assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().mean() > 0
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters()), "a module the forward never uses"
+    return out, counter.get_total_flops()
+
+
 def test_unet_up_path_options_keep_the_shapes_and_cut_the_flops():
     """up_blocks and a conv_nearest upsampler change the cost, not the contract (B, C, H, W) in and
     out; each option counts fewer FLOPs than ADM's layout and the unused skips are not built."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from diffusion.model import group_norm
 
     x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0]), cond(2)
@@ -192,16 +207,7 @@ def test_unet_up_path_options_keep_the_shapes_and_cut_the_flops():
         net = UNet(UNetConfig(channels=16, channel_mult=[1, 2, 2], attn_levels=[1], heads=2, up_blocks=up_blocks,
                               upsample=upsample), text_dim=8, pooled_dim=8)
         assert len(net.up) == 3 * (2 if up_blocks is None else up_blocks)
-        for m in net.modules():  # a non-trivial output: the zero-initialised layers made random
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
-                torch.nn.init.normal_(m.weight, std=0.1)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = net(x, t, c)
-        assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().mean() > 0
-        out.square().mean().backward()
-        assert all(p.grad is not None for p in net.parameters()), "a module the forward never uses"
-        flops[up_blocks, upsample] = counter.get_total_flops()
+        flops[up_blocks, upsample] = forward_backward_flops(net, x, t, c)[1]
     base = flops[None, "nearest_conv"]
     assert flops[1, "nearest_conv"] < base and flops[None, "conv_nearest"] < base
     assert flops[1, "conv_nearest"] < min(flops[1, "nearest_conv"], flops[None, "conv_nearest"])
@@ -213,8 +219,6 @@ def test_unet_ctx_dim_projects_the_caption_once_for_every_block():
     """ctx_dim: one projection of the caption tokens, every block's keys and values read its width;
     fewer FLOPs and parameters, the same contract, and padding still ignored (a masked-out token's
     values change nothing)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from diffusion.model import Attention
 
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
@@ -224,24 +228,16 @@ def test_unet_ctx_dim_projects_the_caption_once_for_every_block():
         torch.manual_seed(0)
         net = UNet(UNetConfig(channels=16, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=2, ctx_dim=ctx_dim),
                    text_dim=32, pooled_dim=8)
-        for m in net.modules():  # a non-trivial output: the zero-initialised layers made random
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
-                torch.nn.init.normal_(m.weight, std=0.1)
         cross = [b.cross_attn for b in net.modules() if hasattr(b, "cross_attn")]
         assert len(cross) == 7 and all(isinstance(a, Attention) for a in cross)
         assert {a.kv.in_features for a in cross} == {ctx_dim or 32}
         assert isinstance(net.ctx_proj, torch.nn.Linear) == (ctx_dim is not None)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            out = net(x, t, c)
-        assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().mean() > 0
-        out.square().mean().backward()
-        assert all(p.grad is not None for p in net.parameters()), "a module the forward never uses"
+        out, flops[ctx_dim] = forward_backward_flops(net, x, t, c)
         padded = Cond(c.tokens.clone(), c.mask, c.pooled)
         padded.tokens[1, 3:] = 100.0  # the masked-out tail of the second caption
         with torch.no_grad():
             assert torch.allclose(net(x, t, padded), out.detach(), atol=1e-5)
-        flops[ctx_dim], params[ctx_dim] = counter.get_total_flops(), count_params(net)
+        params[ctx_dim] = count_params(net)
     assert flops[8] < flops[None] and params[8] < params[None]
 
 
