@@ -593,9 +593,8 @@ def _validate(p: Params) -> None:
     ]:
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key, value in [("train.sample_every", p.train.sample_every)]:
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0 (0: off), got {value}")
+    if p.train.sample_every < 0:
+        raise ConfigError(f"train.sample_every must be >= 0 (0: off), got {p.train.sample_every}")
     t = p.train
     if not 0 < t.beta_min < t.beta_max < 1:
         raise ConfigError("train.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")

@@ -440,8 +440,8 @@ class Monitor:
 
 
 def preview(state: TrainState, grid_fn):
-    """The EMA's sample grid in the middle of a run (``train.sample_every``). Sampling draws from
-    its own seeded generators, so the run's weights and data order are those of a run without it."""
+    """The EMA's sample grid, every ``train.sample_every`` steps and at the end. Sampling draws
+    from its own seeded generators, so the run's weights and data order are those of a run without it."""
     state.ema.eval()
     with torch.no_grad():
         return grid_fn(state.ema, state.step)
@@ -515,6 +515,6 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
         logger.log_metrics(summary, state.step)
         export(state, out, summary)
         if grid_fn is not None:
-            logger.log_image(grid_fn(state.ema, state.step), "sample_grid.png")
+            logger.log_image(preview(state, grid_fn), "sample_grid.png")
     distributed.teardown(d)
     return out
