@@ -77,6 +77,17 @@ def tiny_embeddings(tiny_shards, text_encoder, tmp_path_factory) -> Path:
     return out
 
 
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The networks exported to folders ``a`` and ``b`` hold the same tensors, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert set(wa) == set(wb)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 def copy_project(dest: Path) -> Path:
     """The project's tracked pipeline files in a fresh directory (for DVC / Prefect tests)."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_params_dict
+from conftest import ROOT, assert_same_weights, tiny_params_dict
 from e2e_helpers import BIN, base_env
 
 pytestmark = pytest.mark.e2e
@@ -49,10 +48,6 @@ def losses(records: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def weights(out: Path) -> dict:
-    return load_file(str(out / "model.safetensors"))
-
-
 def test_two_processes_follow_one_and_a_killed_run_resumes(tiny_shards, tiny_embeddings, tmp_path):
     one, out1, rec1 = run_training(tmp_path, "one", tiny_shards, tiny_embeddings, nproc=1)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -76,9 +71,7 @@ def test_two_processes_follow_one_and_a_killed_run_resumes(tiny_shards, tiny_emb
     again, _, rec4 = run_training(tmp_path, "again", tiny_shards, tiny_embeddings, nproc=2, out=out3)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stdout + again.stderr and min(losses(rec4)) == 7
-    w2, w3 = weights(out2), weights(out3)
-    for k in w2:
-        assert torch.equal(w2[k], w3[k]), k
+    assert_same_weights(out2, out3)
 
 
 def test_fewer_shards_than_ranks_times_workers_finishes(tiny_shards, tiny_embeddings, tmp_path):

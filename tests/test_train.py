@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import assert_same_weights
 from diffusion.config import SampleConfig
 from diffusion.generate import generate, make_grid, table_cond
 from diffusion.shards import list_shards
@@ -78,10 +79,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_params, tiny_shards, tiny_e
         train(cfg, urls, table, tmp_path / "killed", image_size=16, logger=Recorder(stop_at=8), progress=False)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 6
     train(cfg, urls, table, tmp_path / "killed", image_size=16, progress=False)
-    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
-    b = load_file(str(tmp_path / "killed" / "model.safetensors"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(tmp_path / "straight", tmp_path / "killed")
 
 
 def test_sample_previews_are_logged_and_change_nothing_else(tiny_params, tiny_shards, tiny_embeddings, tmp_path,
@@ -109,11 +107,7 @@ def test_sample_previews_are_logged_and_change_nothing_else(tiny_params, tiny_sh
     assert drawn == [5, 10, 12]
     early, late = rec.pictures["train_samples/step_0000005.png"], rec.pictures["train_samples/step_0000010.png"]
     assert early.shape == late.shape and not np.array_equal(early, late)  # the same seeds, a later EMA
-    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
-    previews = load_file(str(tmp_path / "previews" / "model.safetensors"))
-    assert set(plain) == set(previews)  # no sampler or VAE state left in the exported network
-    for k in plain:
-        assert torch.equal(plain[k], previews[k]), k
+    assert_same_weights(tmp_path / "plain", tmp_path / "previews")  # and no sampler or VAE state left in it
 
     # killed at step 8 (checkpoint at 6) without previews, resumed with them: previews are
     # bookkeeping, so the checkpoint is taken and the weights are still the plain run's
@@ -124,9 +118,7 @@ def test_sample_previews_are_logged_and_change_nothing_else(tiny_params, tiny_sh
     train(replace(cfg, sample_every=5, log_every=3), urls, table, tmp_path / "resumed", image_size=16,
           logger=Recorder(), grid_fn=grid_fn, progress=False)
     assert "resuming from" in capsys.readouterr().out and drawn == [10, 12]
-    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
-    for k in plain:
-        assert torch.equal(plain[k], resumed[k]), k
+    assert_same_weights(tmp_path / "plain", tmp_path / "resumed")
 
 
 def test_generation_depends_on_seed_not_batch(tiny_params, tiny_shards, tiny_embeddings, tmp_path):
