@@ -128,10 +128,13 @@ def test_size_presets_have_their_size_and_fit_every_resolution(size, low, high, 
 
 
 def test_learning_rate_null_follows_the_size_and_a_number_overrides_it():
-    from diffusion.config import SIZE_LR, TrainConfig
+    from diffusion.config import CUSTOM_DIT_LR, SIZE_LR, TrainConfig
 
-    # params.yaml leaves it null: the default (custom: a 32-wide UNet) keeps the seed's 1e-3
-    assert load_params(ROOT / "params.yaml").train.lr == 1e-3
+    # params.yaml leaves it null: the default (custom: a 32-wide UNet) trains at 2e-3, a custom DiT
+    # at 1e-3
+    assert load_params(ROOT / "params.yaml").train.lr == 2e-3
+    assert load_params(ROOT / "params.yaml", ["train.denoiser=dit"]).train.lr == CUSTOM_DIT_LR == 1e-3
+    assert load_params(ROOT / "params.yaml", ["train.denoiser=dit", "train.size=small"]).train.lr == SIZE_LR["small"]
     for size in ("tiny", "small", "base"):
         assert load_params(ROOT / "params.yaml", [f"train.size={size}"]).train.lr == SIZE_LR[size]
     assert SIZE_LR["base"] < SIZE_LR["small"] < SIZE_LR["tiny"]  # bigger networks, smaller steps

@@ -104,7 +104,7 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     # MLflow: the run has params, the loss curve, the grid; the registry has a tagged version
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     run_ = client.get_run(reg["run_id"])
-    assert run_.data.params["train.lr"] == "0.001"
+    assert run_.data.params["train.lr"] == "0.002"
     history = client.get_metric_history(reg["run_id"], "loss")
     assert len(history) == 3  # 12 steps, logged every 4
     assert "adherence.seen.all" in run_.data.metrics
@@ -184,20 +184,20 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     assert ran(nothing.stdout) == set() and "Data and pipelines are up to date" in nothing.stdout
 
     # an experiment on a train parameter: train and what follows rerun, not ingest/embed/judge
-    exp = run([dvc, "exp", "run", "-S", "train.lr=0.002"], project, env)
+    exp = run([dvc, "exp", "run", "-S", "train.lr=0.001"], project, env)
     assert ran(exp.stdout) == AFTER_TRAIN
     reg2 = json.loads((project / "reports/registered_model.json").read_text())
     assert reg2["version"] == 2
     promotion = json.loads((project / "reports/promotion.json").read_text())
     assert promotion["candidate"] == 2 and promotion["champion_before"] == 1
     assert int(client.get_model_version_by_alias("t2i-shapes", "champion").version) == promotion["champion_after"]
-    assert client.get_run(reg2["run_id"]).data.params["train.lr"] == "0.002"
+    assert client.get_run(reg2["run_id"]).data.params["train.lr"] == "0.001"
 
     # `dvc exp show` lists it with its lr and its adherence metrics
     experiments = dvc_experiments(project, env)
     assert len(experiments) == 1, experiments
     shown = experiments[0]
-    assert shown["params"]["params.yaml"]["train"]["lr"] == 0.002
+    assert shown["params"]["params.yaml"]["train"]["lr"] == 0.001
     exp_metrics = shown["metrics"]["reports/metrics.json"]
     new_metrics = json.loads((project / "reports/metrics.json").read_text())
     for split in ("seen", "held_out"):
