@@ -197,9 +197,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 64  # the global batch: split over torchrun processes and gradient-accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step (each batch_size / (processes * grad_accum))
-    # null: the rate of train.size (SIZE_LR: 2e-3 for a custom UNet such as params.yaml's narrow
-    # default, 1e-3 for a custom DiT and tiny, 3e-4 small, 1e-4 base; the 112M base UNet
-    # collapsed to a constant output at 1e-3)
+    # null: the rate of train.size and denoiser (size_lr; the rates and why are at SIZE_LR)
     lr: Optional[float] = None
     lr_schedule: str = "cosine"  # cosine | constant (both after linear warmup)
     warmup_steps: int = 200
