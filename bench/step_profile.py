@@ -23,7 +23,12 @@ EMA) on synthetic batches (bench/train_bench.py's), then splits the step:
   (convolution, matmul, attention, norm, elementwise, optimizer/EMA, layout copies, compiled
   triton kernels) and the top kernels.
 
-Prints one block per variant and a summary table; ``--out`` also writes it as JSON.
+- ``--diffusers``: also diffusers' UNet2DConditionModel matched to the first variant's UNet, as
+  bench/train_bench.py matches and trains it (eager); with ``--profile`` the kernels (operators on
+  the CPU) of every variant are then listed side by side, ms and calls a step.
+
+Prints one block per variant and a summary table; ``--out`` also writes it as JSON. The variants
+run one after another, not in turns: for img/s against diffusers, bench/train_bench.py.
 """
 
 from __future__ import annotations
@@ -42,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_name  # noqa: E402
-from train_bench import (LoopTrainer, count_flops, free, make_batches, peak_tflops, sync,  # noqa: E402
-                         synthetic_table, text_dims)
+from train_bench import (DiffusersTrainer, LoopTrainer, count_flops, free, make_batches, match_diffusers,  # noqa: E402
+                         peak_tflops, sync, synthetic_table, text_dims)
 
 from diffusion.model import count_params  # noqa: E402
 
@@ -59,6 +64,9 @@ KINDS = [("attention", ("sdpa", "flash", "fmha", "attention", "efficient", "attn
          ("layout/copy", ("nchwtonhwc", "nhwctonchw", "copy", "transpose", "catarray", "cat_", "memcpy", "memset")),
          ("triton (compiled)", ("triton",)),
          ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "unrolled", "index", "scatter", "gather"))]
+
+
+COMPARED = 80  # kernels (operators on the CPU) kept per variant for --compare
 
 
 def kind_of(name: str) -> str:
@@ -109,14 +117,17 @@ def profile_steps(trainer, batches: list, device, steps: int, top: int) -> dict:
         sync(device)
         wall = time.perf_counter() - t0
     kernels: dict[str, float] = {}
+    calls: dict[str, int] = {}
     if device.type == "cuda":
         for e in prof.events():
             # kernels only: record_function ranges (Optimizer.step#...) also show on the GPU timeline
             if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
                 kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e3  # ms
-    else:  # the CPU: self time of the leaf operators
+                calls[e.name] = calls.get(e.name, 0) + 1
+    else:  # the CPU: self time of the operators
         for e in prof.key_averages():
             kernels[e.key] = e.self_cpu_time_total / 1e3
+            calls[e.key] = e.count
     busy = sum(kernels.values())
     by_kind: dict[str, float] = {}
     for name, ms in kernels.items():
@@ -125,10 +136,33 @@ def profile_steps(trainer, batches: list, device, steps: int, top: int) -> dict:
             "busy_fraction": busy / (1e3 * wall) if wall else None,
             "by_kind_ms_per_step": {k: v / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top": [{"name": n[:140], "kind": kind_of(n), "ms_per_step": ms / steps}
-                    for n, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]]}
+                    for n, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]],
+            "kernels": {n[:140]: {"ms_per_step": ms / steps, "calls_per_step": calls[n] / steps}
+                        for n, ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:COMPARED]}}
 
 
-def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
+def diffusers_trainer(cfg, text_dim: int, pooled_dim: int, table, device):
+    """diffusers' UNet2DConditionModel matched to ``cfg.unet`` as bench/train_bench.py matches it
+    (parameters within 10%, the same levels, blocks, attention resolutions and 2x2 fold), trained
+    the way that benchmark trains it (``DiffusersTrainer``: the loop's optimizer settings, clipping
+    and EMA), eager."""
+    import torch
+
+    from diffusion.model import UNet
+    from diffusion.train import adamw_kwargs
+
+    u = cfg.unet
+    with torch.device("meta"):
+        ours = count_params(UNet(u, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=3))
+    m = match_diffusers(u, ours, text_dim, pooled_dim, 3 * u.patch**2, device.type == "cuda")
+    tr = DiffusersTrainer(m, u.patch, cfg, table, device, adamw_kwargs(cfg, device),
+                          device.type == "cuda" and cfg.channels_last, False)
+    return tr, {"matched_to_params": ours, "base": m["base"], "heads": m["heads"], "ratio": m["ratio"]}
+
+
+def run_variant(name: str, overrides: list[str], args, device, peak, diffusers: bool = False) -> dict:
+    """Time (and with --profile, profile) one variant: ours through the loop's own pieces or, with
+    ``diffusers``, the diffusers UNet matched to the variant's UNet."""
     import torch
 
     from diffusion.config import load_params
@@ -141,12 +175,30 @@ def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
     table = synthetic_table(1024, args.tokens, text_dim, pooled_dim, args.seed, {"layer": layer, "synthetic": True})
     batches = make_batches(4, args.batch, args.size, 1024, args.seed, pin=device.type == "cuda")
     t0 = time.perf_counter()
-    tr = LoopTrainer(cfg, table, args.size, device)
-    row = {"variant": name, "overrides": overrides, "denoiser": cfg.denoiser,
-           "params": count_params(tr.net), "size": args.size, "batch": args.batch, "compiled": cfg.compile,
-           "net": dataclasses.asdict(cfg.dit if cfg.denoiser == "dit" else cfg.unet)}
-    flops = count_flops(tr, batches[0])
+    if diffusers:
+        if cfg.denoiser != "unet":
+            raise SystemExit("--diffusers: the first variant must be a UNet (train.denoiser: unet)")
+        tr, match = diffusers_trainer(cfg, text_dim, pooled_dim, table, device)
+        row = {"variant": name, "overrides": overrides, "denoiser": "diffusers-unet", "params": count_params(tr.net),
+               "size": args.size, "batch": args.batch, "compiled": False, "net": match}
+
+        def loss(batch):
+            return tr.loss(batch, tr.forward)
+    else:
+        tr = LoopTrainer(cfg, table, args.size, device)
+        row = {"variant": name, "overrides": overrides, "denoiser": cfg.denoiser,
+               "params": count_params(tr.net), "size": args.size, "batch": args.batch, "compiled": cfg.compile,
+               "net": dataclasses.asdict(cfg.dit if cfg.denoiser == "dit" else cfg.unet)}
+
+        def loss(batch):
+            return micro_loss(tr.state, batch, tr.text, False)
+    by_op: dict[str, int] = {}
+    flops = count_flops(tr, batches[0], by_op)
     row["gflop_per_img"] = flops / args.batch / 1e9
+    row["gflop_per_img_by_kind"] = kinds = {}
+    for op, n in by_op.items():  # mm/addmm: the linear layers; bmm: attention (counted through the math backend)
+        kind = "conv" if op.startswith("convolution") else "attention" if "bmm" in op else "matmul" if "mm" in op else op
+        kinds[kind] = kinds.get(kind, 0.0) + n / args.batch / 1e9
     for i in range(args.warmup):  # compile, cuDNN autotuning, allocator warm-up
         tr.step(batches[i % len(batches)])
     sync(device)
@@ -158,10 +210,10 @@ def run_variant(name: str, overrides: list[str], args, device, peak) -> dict:
 
     def fwd():
         with torch.no_grad():
-            micro_loss(tr.state, batches[next(it) % len(batches)], tr.text, False)
+            loss(batches[next(it) % len(batches)])
 
     def fwd_bwd():
-        micro_loss(tr.state, batches[next(it) % len(batches)], tr.text, False).backward()
+        loss(batches[next(it) % len(batches)]).backward()
         tr.opt.zero_grad(set_to_none=True)
 
     row["step_ms"] = timed(step, device, args.steps)
@@ -193,6 +245,8 @@ def print_row(r: dict) -> None:
     print(f"   {r['img_per_s']:.1f} img/s, {r['gflop_per_img']:.3g} GFLOP/img, {r['tflop_per_s']:.3g} TFLOP/s{mfu}; "
           f"ms: fwd {r['fwd_ms']:.1f}, fwd+bwd {r['fwd_bwd_ms']:.1f}, step {r['step_ms']:.1f} "
           f"(setup {r['setup_s']:.0f} s" + (f", peak {r['peak_mem_gib']:.1f} GiB)" if "peak_mem_gib" in r else ")"))
+    if r.get("gflop_per_img_by_kind"):
+        print("   GFLOP/img by kind: " + ", ".join(f"{k} {v:.3g}" for k, v in r["gflop_per_img_by_kind"].items()))
     prof = r.get("profile")
     if prof:
         print(f"   profile over {prof['steps']} steps: wall {prof['wall_ms_per_step']:.1f} ms/step, kernels "
@@ -201,6 +255,27 @@ def print_row(r: dict) -> None:
         print("   by kind (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in prof["by_kind_ms_per_step"].items()))
         for k in prof["top"]:
             print(f"     {k['ms_per_step']:7.2f} ms  {k['kind']:18s} {k['name']}")
+
+
+def print_compared(rows: list[dict], top: int) -> None:
+    """Kernels (operators on the CPU) side by side across the profiled variants: ms and calls a step,
+    the ``top`` costliest in any of them. Where two networks run the same operators, this shows
+    whether one runs them faster or only runs fewer of them."""
+    if len(rows) < 2:
+        return
+    names = {n for r in rows for n in r["profile"]["kernels"]}
+    worst = sorted(names, key=lambda n: -max(r["profile"]["kernels"].get(n, {}).get("ms_per_step", 0.0) for r in rows))
+    width = max(12, *(len(r["variant"]) for r in rows))
+    print(f"\nper kernel, ms a step (calls a step), the {top} costliest in any variant:")
+    print(f"{'kernel':56s} " + " ".join(f"{r['variant'][:width]:>{width + 8}s}" for r in rows))
+    for n in worst[:top]:
+        cells = []
+        for r in rows:
+            k = r["profile"]["kernels"].get(n)
+            cells.append(f"{k['ms_per_step']:{width}.2f} ({k['calls_per_step']:5.0f})" if k else f"{'-':>{width + 8}s}")
+        print(f"{n[:56]:56s} " + " ".join(cells))
+    tot = [r["profile"]["kernel_ms_per_step"] for r in rows]
+    print(f"{'all kernels':56s} " + " ".join(f"{t:{width}.2f}{'':8s}" for t in tot))
 
 
 def main() -> int:
@@ -216,6 +291,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="torch.profiler: busy fraction, time by kind, top kernels")
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15, help="kernels listed per variant (default: 15)")
+    ap.add_argument("--diffusers", action="store_true",
+                    help="also the diffusers UNet matched to the first variant's UNet (bench/train_bench.py's match), eager")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the rows as JSON")
     args = ap.parse_args()
@@ -228,10 +305,12 @@ def main() -> int:
     print(f"machine: {cpu_name()}; torch {torch.__version__}; device {dev_name}"
           + (f" (dense bf16 peak {peak:g} TFLOP/s)" if peak else ""), flush=True)
     rows, out = [], Path(args.out) if args.out else None
-    for text in args.variant:
-        name, overrides = parse_variant(text)
+    runs = [(*parse_variant(text), False) for text in args.variant]
+    if args.diffusers:
+        runs.append(("diffusers-unet", runs[0][1], True))
+    for name, overrides, diffusers in runs:
         try:
-            row = run_variant(name, overrides, args, device, peak)
+            row = run_variant(name, overrides, args, device, peak, diffusers)
         except Exception as e:  # one variant failing (out of memory, a compile error) leaves the others
             print(f"\n== {name}: FAILED: {type(e).__name__}: {str(e)[:400]}", flush=True)
             row = {"variant": name, "overrides": overrides, "error": f"{type(e).__name__}: {str(e)[:400]}"}
@@ -256,6 +335,7 @@ def main() -> int:
               f"{r['tflop_per_s']:8.3g} {mfu} "
               f"{r['fwd_ms']:7.1f} {r['fwd_bwd_ms']:8.1f} {r['step_ms']:7.1f} "
               + (f"{100 * busy:4.0f}%" if busy is not None else "    -"))
+    print_compared([r for r in rows if "profile" in r], args.top)
     return 0 if all("error" not in r for r in rows) else 1
 
 

@@ -198,6 +198,23 @@ def diffusers_kwargs(u, base: int, heads: int, text_dim: int, pooled_dim: int, i
     }
 
 
+def block_params(u, kwargs: dict, text_dim: int, pooled_dim: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Parameters in the ResNet blocks and in the transformer blocks, (ours, the diffusers UNet's)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from diffusion.model import ResBlock, TransformerBlock, UNet
+
+    def split(model, res, attn) -> tuple[int, int]:
+        return tuple(sum(count_params(m) for m in model.modules() if isinstance(m, cls)) for cls in (res, attn))
+
+    with torch.device("meta"):
+        return (split(UNet(u, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=3), ResBlock, TransformerBlock),
+                split(UNet2DConditionModel(**kwargs), ResnetBlock2D, Transformer2DModel))
+
+
 def search_monotone(lo: int, hi: int, step: int, ratio) -> int:
     """The multiple of ``step`` in [lo, hi] whose ratio(x) (increasing in x) is closest to 1 in log."""
     xs = list(range(lo, hi + 1, step))
@@ -492,10 +509,11 @@ def sync(device) -> None:
 FLOP_BATCH = 8  # images the FLOPs are counted on (they are linear in the batch); >= the 4 full-length captions
 
 
-def count_flops(trainer, batch) -> int:
+def count_flops(trainer, batch, by_op: dict | None = None) -> int:
     """FLOPs of one eager forward+backward of ``batch`` (attention through the math backend, so it
     is counted), counted on its first FLOP_BATCH images and scaled to the whole batch: the math
-    backend keeps every attention matrix for the backward pass, too much memory at full batch."""
+    backend keeps every attention matrix for the backward pass, too much memory at full batch.
+    ``by_op``: filled with the same count split by operator (convolution, mm, bmm, ...)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -507,6 +525,9 @@ def count_flops(trainer, batch) -> int:
         loss = trainer.eager_loss(part)
         loss.backward()
     trainer.opt.zero_grad(set_to_none=True)
+    if by_op is not None:
+        for op, flops in counter.get_flop_counts().get("Global", {}).items():
+            by_op[str(op).split(".")[-1]] = int(flops * n / k)  # aten.convolution.default -> convolution
     return int(counter.get_total_flops() * n / k)
 
 
@@ -825,6 +846,10 @@ def main() -> int:
           f"class_embed_type projection ({pooled_dim}), scale_shift, linear projection, on the {unet.patch}x{unet.patch}-folded "
           f"input ({in_ch} channels): {m['params']:,} params")
     print(f"parameters diffusers / ours = {m['ratio']:.3f}")
+    split_ours, split_diff = block_params(unet, kw, text_dim, pooled_dim)
+    print(f"  in ResNet blocks / transformer blocks: ours {split_ours[0]:,} / {split_ours[1]:,}, diffusers "
+          f"{split_diff[0]:,} / {split_diff[1]:,} (at a fixed count, heavier transformer blocks leave narrower "
+          "convolutions, where most of a step's FLOPs go)")
     for s in sizes:
         if unet_fits(unet, s):
             print(f"  at {s}px both: {unet_maps(unet, s)}")

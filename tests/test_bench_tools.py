@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from step_profile import kind_of, parse_variant  # noqa: E402
-from train_bench import TOLERANCE, dit_overrides, finish, match_diffusers, match_dits, vs_reference  # noqa: E402
+from train_bench import TOLERANCE, block_params, dit_overrides, finish, match_diffusers, match_dits, vs_reference  # noqa: E402
 
 from diffusion.config import DiTConfig, UNetConfig  # noqa: E402
 
@@ -80,6 +80,23 @@ def test_several_dits_are_each_matched_and_named_by_their_shape():
         match_dits(DiTConfig(), ["patch=4", "patch=4,heads=6"], target, 384, 384, cuda=False)
 
 
+def test_block_params_splits_both_unets_between_resnet_and_transformer_blocks():
+    """At the matched count diffusers' transformer blocks (GEGLU feed-forward, proj_in/out) hold a
+    larger share than ours, so its ResNet blocks (the convolutions) hold a smaller one."""
+    from diffusion.model import UNet, count_params
+
+    u = UNetConfig(channels=32, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=4)
+    ours = count_params(UNet(u, text_dim=256, pooled_dim=256))
+    m = match_diffusers(u, ours, 256, 256, 12, cuda=False)
+    (o_res, o_attn), (d_res, d_attn) = block_params(u, m["kwargs"], 256, 256)
+    assert 0 < o_res + o_attn < ours and 0 < d_res + d_attn < m["params"]
+    assert d_attn / m["params"] > o_attn / ours and d_res < o_res
+    # no transformer blocks at all: everything but the stem, head and embeddings is in ResNet blocks
+    flat = UNetConfig(channels=32, channel_mult=[1, 2, 2], attn_levels=[], heads=4)
+    (f_res, f_attn), _ = block_params(flat, m["kwargs"], 256, 256)
+    assert f_res == o_res and 0 < f_attn < o_attn  # the middle block still attends
+
+
 def test_diffusers_projects_the_caption_once_where_ours_does():
     """train.unet.ctx_dim: the matched diffusers UNet gets text_proj (encoder_hid_proj) to the same
     width, so both read the caption through one projection; without it both read the text width."""
@@ -126,7 +143,7 @@ def test_step_profile_splits_and_profiles_the_loops_step_on_the_cpu(tmp_path):
     out = tmp_path / "profile.json"
     cmd = [sys.executable, str(ROOT / "bench/step_profile.py"), "--device", "cpu", "--params", "params.yaml",
            "--size", "16", "--batch", "8", "--steps", "5", "--warmup", "2", "--profile", "--profile-steps", "1",
-           "--top", "3", "--out", str(out),
+           "--top", "3", "--out", str(out), "--diffusers",
            "--variant", "unet=",
            "--variant", "dit=train.denoiser=dit,train.dit.width=48,train.dit.depth=2,train.dit.heads=2",
            "--variant", "typo=train.unet.chanels=8"]
@@ -135,16 +152,28 @@ def test_step_profile_splits_and_profiles_the_loops_step_on_the_cpu(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
     assert "chanels" in rows["typo"]["error"]
-    unet, dit = rows["unet"], rows["dit"]
-    assert (unet["denoiser"], dit["denoiser"]) == ("unet", "dit")
+    unet, dit, dif = rows["unet"], rows["dit"], rows["diffusers-unet"]
+    assert (unet["denoiser"], dit["denoiser"], dif["denoiser"]) == ("unet", "dit", "diffusers-unet")
+    # --diffusers: matched to the first variant's UNet, as bench/train_bench.py matches it
+    assert dif["net"]["matched_to_params"] == unet["params"]
+    assert abs(dif["params"] / unet["params"] - 1) <= TOLERANCE
     assert dit["net"]["width"] == 48 and dit["params"] < unet["params"]
-    for r in (unet, dit):
+    for r in (unet, dit, dif):
         assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0
+        assert sum(r["gflop_per_img_by_kind"].values()) == pytest.approx(r["gflop_per_img"])
         assert 0 < r["fwd_ms"] < r["fwd_bwd_ms"]  # the backward pass costs more than nothing
         prof = r["profile"]
         assert prof["kernel_ms_per_step"] > 0 and len(prof["top"]) == 3
         assert abs(sum(prof["by_kind_ms_per_step"].values()) - prof["kernel_ms_per_step"]) < 1e-6
     # the UNet's time goes to its convolutions, the DiT's to its matrix products
     assert "conv" in unet["profile"]["by_kind_ms_per_step"]
+    assert unet["gflop_per_img_by_kind"]["conv"] > unet["gflop_per_img_by_kind"]["attention"] > 0
+    assert "conv" not in dit["gflop_per_img_by_kind"] or \
+        dit["gflop_per_img_by_kind"]["conv"] < dit["gflop_per_img_by_kind"]["matmul"]  # its patch embedding
     assert dit["profile"]["by_kind_ms_per_step"].get("matmul", 0) > dit["profile"]["by_kind_ms_per_step"].get("conv", 0)
     assert "typo" in res.stdout and "failed" in res.stdout
+    # the kernels side by side: both UNets run the same convolution operators, each its own count
+    for r in (unet, dif):
+        assert r["profile"]["kernels"]["aten::convolution_backward"]["calls_per_step"] > 0
+    table = res.stdout.split("per kernel, ms a step")[1]
+    assert "aten::convolution_backward" in table and "diffusers-unet" in table
