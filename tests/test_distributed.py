@@ -3,7 +3,8 @@
 2 processes at the same global batch follow the loss of 1 process; a 2-process run killed after
 a checkpoint resumes to the same weights as one never killed; 3 shards on 2 ranks x 2 DataLoader
 workers finish; and `t2i train -s train.nproc_per_node=2` launches torchrun itself, rank 0 alone
-logging to MLflow.
+logging to MLflow, while `t2i train -s train.nnodes=2` started twice (two nodes on loopback) meets
+at the rendezvous and trains to the same weights.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_same_weights, tiny_params_dict
-from e2e_helpers import BIN, base_env
+from e2e_helpers import BIN, base_env, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -83,21 +84,72 @@ def test_fewer_shards_than_ranks_times_workers_finishes(tiny_shards, tiny_embedd
     assert json.loads((out / "model.json").read_text())["steps_done"] == 8 and sorted(losses(rec)) == list(range(1, 9))
 
 
-def test_t2i_train_launches_torchrun_and_only_rank_0_logs(tiny_shards, tiny_embeddings, tmp_path):
+def t2i_train(cwd: Path, name: str, shards: Path, embeddings: Path, tracking: str, env: dict,
+              **train) -> subprocess.Popen:
+    """`t2i train` with the tiny params and ``train`` overrides, started in ``cwd`` (not waited
+    for); its output goes to files (``name``.out/.err), so a process never blocks on a full pipe
+    while another waits for it at a collective."""
+    data = tiny_params_dict()
+    data["train"].update(steps=8, batch_size=16, log_every=2, checkpoint_every=4, data_workers=1, **train)
+    data["mlflow"]["tracking_uri"] = tracking
+    cwd.mkdir(parents=True, exist_ok=True)
+    (cwd / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    with open(cwd / f"{name}.out", "w") as out, open(cwd / f"{name}.err", "w") as err:
+        proc = subprocess.Popen([str(BIN / "t2i"), "train", "--shards", str(shards), "--embeddings", str(embeddings),
+                                 "--out", "model"], cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+    proc.logs = (cwd / f"{name}.out", cwd / f"{name}.err")
+    return proc
+
+
+def finished(*procs: subprocess.Popen, timeout: int = 900) -> list[tuple[int, str, str]]:
+    """Wait for every process (killing all of them if one is still running at the timeout):
+    [(exit code, stdout, stderr)]."""
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, p.logs[0].read_text(), p.logs[1].read_text()) for p in procs]
+
+
+def logged_once(tracking: str, out: Path) -> None:
+    """One MLflow run, its loss logged once every log_every (2) steps: by rank 0 alone."""
     import mlflow
 
-    data = tiny_params_dict()
-    data["train"].update(nproc_per_node=2, steps=8, batch_size=16, log_every=2, checkpoint_every=4, data_workers=1)
-    data["mlflow"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    env = base_env(OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(BIN / "t2i"), "train", "--shards", str(tiny_shards), "--embeddings", str(tiny_embeddings),
-                           "--out", "model"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "torch.distributed.run --nproc_per_node=2 --standalone" in proc.stdout
-    meta = json.loads((tmp_path / "model/model.json").read_text())
-    assert meta["world"] == 2 and meta["steps_done"] == 8
-    run_id = json.loads((tmp_path / "model/run.json").read_text())["run_id"]
-    client = mlflow.MlflowClient(tracking_uri=data["mlflow"]["tracking_uri"])
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4, 6, 8]  # once, from rank 0
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4, 6, 8]
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def test_t2i_train_launches_torchrun_on_one_node_and_on_two(tiny_shards, tiny_embeddings, tmp_path):
+    env = base_env(OMP_NUM_THREADS="1")
+    one = tmp_path / "one-node"
+    tracking = f"sqlite:///{one / 'mlflow.db'}"
+    [(code, out, err)] = finished(t2i_train(one, "node", tiny_shards, tiny_embeddings, tracking, env, nproc_per_node=2))
+    assert code == 0, err[-3000:]
+    assert "torch.distributed.run --nproc_per_node=2 --standalone" in out
+    meta = json.loads((one / "model/model.json").read_text())
+    assert meta["world"] == 2 and meta["steps_done"] == 8
+    logged_once(tracking, one / "model")
+
+    # train.nnodes=2: the same command started twice (two nodes, here both on loopback) meets at
+    # train.rdzv_endpoint through torchrun's c10d rendezvous and trains as the 2 processes above
+    # did, to the same weights bit for bit: ranks read their shards by rank, and the average of
+    # two gradients does not depend on which process holds which
+    two = tmp_path / "two-nodes"
+    tracking = f"sqlite:///{two / 'mlflow.db'}"
+    nodes = dict(nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="t2i-test")
+    first = t2i_train(two, "node0", tiny_shards, tiny_embeddings, tracking, env, **nodes)
+    second = t2i_train(two, "node1", tiny_shards, tiny_embeddings, tracking, env, **nodes)
+    results = finished(first, second)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+        assert f"--nnodes=2 --rdzv_backend=c10d --rdzv_endpoint={nodes['rdzv_endpoint']}" in out
+    meta = json.loads((two / "model/model.json").read_text())
+    assert meta["world"] == 2 and meta["steps_done"] == 8
+    logged_once(tracking, two / "model")
+    assert_same_weights(one / "model", two / "model")
