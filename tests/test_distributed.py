@@ -10,6 +10,8 @@ at the rendezvous and trains to the same weights.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -96,21 +98,22 @@ def t2i_train(cwd: Path, name: str, shards: Path, embeddings: Path, tracking: st
     (cwd / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     with open(cwd / f"{name}.out", "w") as out, open(cwd / f"{name}.err", "w") as err:
         proc = subprocess.Popen([str(BIN / "t2i"), "train", "--shards", str(shards), "--embeddings", str(embeddings),
-                                 "--out", "model"], cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+                                 "--out", "model"], cwd=cwd, env=env, stdout=out, stderr=err, text=True,
+                                start_new_session=True)  # its torchrun and ranks: one process group to kill
     proc.logs = (cwd / f"{name}.out", cwd / f"{name}.err")
     return proc
 
 
-def finished(*procs: subprocess.Popen, timeout: int = 900) -> list[tuple[int, str, str]]:
-    """Wait for every process (killing all of them if one is still running at the timeout):
-    [(exit code, stdout, stderr)]."""
+def finished(*procs: subprocess.Popen, timeout: int = 600) -> list[tuple[int, str, str]]:
+    """Wait for every process (killing all of them, torchrun and its ranks included, if one is
+    still running at the timeout): [(exit code, stdout, stderr)]."""
     try:
         for p in procs:
             p.wait(timeout=timeout)
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     return [(p.returncode, p.logs[0].read_text(), p.logs[1].read_text()) for p in procs]
 
@@ -145,7 +148,7 @@ def test_t2i_train_launches_torchrun_on_one_node_and_on_two(tiny_shards, tiny_em
     nodes = dict(nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id="t2i-test")
     first = t2i_train(two, "node0", tiny_shards, tiny_embeddings, tracking, env, **nodes)
     second = t2i_train(two, "node1", tiny_shards, tiny_embeddings, tracking, env, **nodes)
-    results = finished(first, second)
+    results = finished(first, second, timeout=400)
     for code, out, err in results:
         assert code == 0, err[-3000:]
         assert f"--nnodes=2 --rdzv_backend=c10d --rdzv_endpoint={nodes['rdzv_endpoint']}" in out
