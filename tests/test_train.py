@@ -267,3 +267,45 @@ def test_unseen_words_change_the_loss_on_word_vectors_and_are_off_for_contextual
     contextual = replace(table, fingerprint={**table.fingerprint, "layer": "last"})
     assert loss(1.0, table) != loss(0.0, table)
     assert loss(1.0, contextual) == loss(0.0, table) == loss(0.0, contextual)
+
+
+def test_fp16_resumes_with_its_grad_scaler_and_bf16_trains_on_the_cpu(tiny_params, tiny_shards, tiny_embeddings,
+                                                                       tmp_path):
+    """train.precision fp16: autocast with a gradient scaler, whose scale the checkpoint keeps, so a
+    killed run resumes to the weights of one never killed; bf16: autocast alone. Both keep float32
+    weights and export them."""
+    table = EmbeddingTable.load(tiny_embeddings)
+    urls = list_shards(tiny_shards / "train")
+    fp16 = replace(tiny_params.train, precision="fp16")
+    rec = Recorder()
+    train(fp16, urls, table, tmp_path / "straight", image_size=16, logger=rec, progress=False)
+    assert torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] > 0
+    assert all(np.isfinite(m["loss"]) for _, m in rec.metrics if "loss" in m)
+    with pytest.raises(KeyboardInterrupt):
+        train(fp16, urls, table, tmp_path / "killed", image_size=16, logger=Recorder(stop_at=8), progress=False)
+    train(fp16, urls, table, tmp_path / "killed", image_size=16, progress=False)
+    assert_same_weights(tmp_path / "straight", tmp_path / "killed")
+    # the scale comes back from the checkpoint, not from a fresh scaler (2**16): one set by hand in
+    # the step-6 checkpoint is the one the run ends with (no overflow, and it grows only every 2000)
+    with pytest.raises(KeyboardInterrupt):
+        train(fp16, urls, table, tmp_path / "rescaled", image_size=16, logger=Recorder(stop_at=8), progress=False)
+    ckpt = torch.load(tmp_path / "rescaled" / "checkpoint.pt", weights_only=True)
+    ckpt["scaler"]["scale"] = 2.0**10
+    torch.save(ckpt, tmp_path / "rescaled" / "checkpoint.pt")
+    train(fp16, urls, table, tmp_path / "rescaled", image_size=16, progress=False)
+    assert torch.load(tmp_path / "rescaled" / "checkpoint.pt", weights_only=True)["scaler"]["scale"] == 2.0**10
+
+    bf16 = replace(tiny_params.train, precision="bf16")
+    rec = Recorder()
+    train(bf16, urls, table, tmp_path / "bf16", image_size=16, logger=rec, progress=False)
+    assert torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=True)["scaler"] is None
+    losses = [m["loss"] for _, m in rec.metrics if "loss" in m]
+    assert losses and all(np.isfinite(losses))
+    for name, w in {**load_file(str(tmp_path / "bf16" / "model.safetensors")),
+                    **load_file(str(tmp_path / "straight" / "model.safetensors"))}.items():
+        assert w.dtype == torch.float32, name
+    # autocast changed the arithmetic, so the weights differ from fp32's
+    train(tiny_params.train, urls, table, tmp_path / "fp32", image_size=16, progress=False)
+    a = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    b = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
