@@ -61,6 +61,10 @@ def test_train_exports_model_and_logs(tiny_params, tiny_shards, tiny_embeddings,
     losses = [m["loss"] for _, m in rec.metrics if "loss" in m]
     assert len(losses) == tiny_params.train.steps // tiny_params.train.log_every
     assert all(np.isfinite(losses))
+    # every log: throughput, and the share of the interval's time spent waiting for data
+    for _, m in rec.metrics:
+        if "loss" in m:
+            assert m["img_per_s"] > 0 and 0.0 <= m["data_wait_fraction"] < 1.0 and m["grad_norm"] > 0
     assert rec.images == ["sample_grid.png"] and grids == [tiny_params.train.steps]
     den, meta2 = load_model(tmp_path)
     weights = load_file(str(tmp_path / "model.safetensors"))
