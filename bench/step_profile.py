@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_name  # noqa: E402
 from train_bench import (DiffusersTrainer, LoopTrainer, count_flops, free, make_batches, match_diffusers,  # noqa: E402
-                         peak_tflops, sync, synthetic_table, text_dims)
+                         meta_params, peak_tflops, sync, synthetic_table, text_dims)
 
 from diffusion.model import count_params  # noqa: E402
 
@@ -66,7 +66,7 @@ KINDS = [("attention", ("sdpa", "flash", "fmha", "attention", "efficient", "attn
          ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "unrolled", "index", "scatter", "gather"))]
 
 
-COMPARED = 80  # kernels (operators on the CPU) kept per variant for --compare
+COMPARED = 80  # kernels (operators on the CPU) kept per variant for the side-by-side table
 
 
 def kind_of(name: str) -> str:
@@ -146,14 +146,11 @@ def diffusers_trainer(cfg, text_dim: int, pooled_dim: int, table, device):
     (parameters within 10%, the same levels, blocks, attention resolutions and 2x2 fold), trained
     the way that benchmark trains it (``DiffusersTrainer``: the loop's optimizer settings, clipping
     and EMA), eager."""
-    import torch
-
     from diffusion.model import UNet
     from diffusion.train import adamw_kwargs
 
     u = cfg.unet
-    with torch.device("meta"):
-        ours = count_params(UNet(u, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=3))
+    ours = meta_params(lambda: UNet(u, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=3))
     m = match_diffusers(u, ours, text_dim, pooled_dim, 3 * u.patch**2, device.type == "cuda")
     tr = DiffusersTrainer(m, u.patch, cfg, table, device, adamw_kwargs(cfg, device),
                           device.type == "cuda" and cfg.channels_last, False)

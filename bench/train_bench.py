@@ -527,7 +527,7 @@ def count_flops(trainer, batch, by_op: dict | None = None) -> int:
     trainer.opt.zero_grad(set_to_none=True)
     if by_op is not None:
         for op, flops in counter.get_flop_counts().get("Global", {}).items():
-            by_op[str(op).split(".")[-1]] = int(flops * n / k)  # aten.convolution.default -> convolution
+            by_op[str(op).split(".")[-1]] = int(flops * n / k)  # aten.convolution -> convolution
     return int(counter.get_total_flops() * n / k)
 
 
