@@ -46,10 +46,10 @@ def main() -> int:
     import pandas as pd
     import torch
 
-    from diffusion import tracking
-    from diffusion.batch import batch_dir, generate_batch, load_generator, plan_rows, read_prompts
+    from diffusion.registry import tracking
+    from diffusion.pipeline.batch import batch_dir, generate_batch, load_generator, plan_rows, read_prompts
     from diffusion.config import load_params
-    from diffusion.shapes import eval_prompts
+    from diffusion.data.shapes import eval_prompts
 
     p = load_params(args.params)
     model = args.model or p.batch.model_uri

@@ -1,6 +1,6 @@
 """The training loop's other CUDA paths, briefly, on shards and embeddings already made
 (bench/gpu_check.sh part 3): fp16 autocast with the grad scaler, the DiT denoiser, and
-torch.compile, each a tiny model for a few steps through ``diffusion.train.train``.
+torch.compile, each a tiny model for a few steps through ``diffusion.training.train.train``.
 
     python bench/gpu_variants.py SHARDS_DIR EMBEDDINGS_DIR [--steps 60] [--out DIR]
 
@@ -46,8 +46,8 @@ def main() -> int:
 
     from diffusion import artifacts as art
     from diffusion.config import load_params
-    from diffusion.text import EmbeddingTable
-    from diffusion.train import train
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.training.train import train
 
     p = load_params(ROOT / "params.yaml", ["train.size=tiny", f"train.steps={args.steps}", "train.batch_size=128",
                                            "train.data_workers=4", "train.warmup_steps=20", "train.log_every=20",

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Ingestion benchmark: the project's ``diffusion.ingest`` side by side with img2dataset.
+"""Ingestion benchmark: the project's ``diffusion.data.ingest`` side by side with img2dataset.
 
 One command (run it with the project's interpreter, from anywhere)::
 
@@ -52,7 +52,7 @@ INGEST_CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 from diffusion.config import DownloadConfig, IngestConfig
-from diffusion.ingest import ingest
+from diffusion.data.ingest import ingest
 t1 = time.perf_counter()
 job = json.loads(sys.argv[1])
 kw = dict(job["ingest"])
@@ -597,7 +597,7 @@ def bench_urls(args, images: dict, work: Path) -> dict:
         parquet, csv = write_url_list(images, server.port, work / "urls")
         log(f"(b) serving {images['folder']} on http://127.0.0.1:{server.port}/ (aiohttp, pid {server.proc.pid})")
         # Warm-up: one import of each tool, so neither timed run pays for a cold disk cache of its packages.
-        subprocess.run([args.python, "-c", "import diffusion.ingest"], cwd=REPO, env=child_env(), check=True)
+        subprocess.run([args.python, "-c", "import diffusion.data.ingest"], cwd=REPO, env=child_env(), check=True)
         if i2d:
             subprocess.run([str(i2d_paths()[1]), "-c", "import img2dataset"], env=child_env(), check=True)
         ours_kw = {"source": "urls", "path": str(parquet), "url_column": "url", "caption_column": "caption",
@@ -864,7 +864,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    probe = subprocess.run([args.python, "-c", "import diffusion.ingest, psutil"], cwd=REPO, capture_output=True,
+    probe = subprocess.run([args.python, "-c", "import diffusion.data.ingest, psutil"], cwd=REPO, capture_output=True,
                            text=True, env=child_env(), check=False)
     if probe.returncode != 0:
         print(f"ingest_bench: {args.python} cannot import the project (run it with the project's venv, "

@@ -3,7 +3,7 @@
 1. encoding throughput of the latents stage (``stages.latents``: shards -> latent shards), images/s,
    with a tiny random AutoencoderKL (the test suite's kind, 8x downsampling) and with the Stable
    Diffusion VAE's architecture (random weights: the cost is the architecture's, not the weights');
-2. training throughput of the train loop (``diffusion.train.train``, as the train stage calls it,
+2. training throughput of the train loop (``diffusion.training.train.train``, as the train stage calls it,
    without the end-of-run sample grid) at 256px, through latents (32x32x4, read from the latent
    shards) against pixel space (256x256x3, decoded from the JPEG shards), with the same denoiser
    config (params.yaml's train.unet), one after the other.
@@ -107,12 +107,12 @@ def main() -> int:
 def run(args, base: dict, tmp: Path) -> int:
     import torch
 
-    from diffusion import stages
+    from diffusion.pipeline import stages
     from diffusion.artifacts import model_meta, shard_urls
     from diffusion.config import parse_params, to_dict
-    from diffusion.latents import latent_training_data
-    from diffusion.text import EmbeddingTable
-    from diffusion.train import train
+    from diffusion.data.latents import latent_training_data
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.training.train import train
 
     results: dict = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -10,7 +10,7 @@ default). Every point draws the same prompts (one per attribute combination of t
 ``--per-combo`` times) with the same seeds, one after the other in this process; reported per point:
 images/s and seconds per image of the sampling loop (text encoding excluded), network evaluations
 per image, all-correct adherence (judge), FD-judge against real validation images, and background
-speckle/grain (diffusion.evaluate.fidelity). The CPU model, torch threads and the load average at
+speckle/grain (diffusion.evaluation.evaluate.fidelity). The CPU model, torch threads and the load average at
 the start are printed with the table: compare points within one run, not across machines.
 """
 
@@ -74,13 +74,14 @@ def main() -> int:
 
     import torch
 
-    from diffusion import artifacts as art
+    from diffusion.data.shards import val_images
+    from diffusion.models import store
     from diffusion.config import load_params
-    from diffusion.generate import check_fingerprint
-    from diffusion.judge import load_judge
-    from diffusion.shapes import eval_prompts
-    from diffusion.sweep import run_points, sweep_settings
-    from diffusion.text import load_text_encoder
+    from diffusion.sampling.generate import check_fingerprint
+    from diffusion.evaluation.judge import load_judge
+    from diffusion.data.shapes import eval_prompts
+    from diffusion.evaluation.sweep import run_points, sweep_settings
+    from diffusion.data.text import load_text_encoder
 
     p = load_params(args.params)
     if args.points:
@@ -88,13 +89,13 @@ def main() -> int:
     else:
         points = [replace(p.sample, sampler="ddim", steps=20, spacing="uniform", eta=None)]
         points += sweep_settings(p.sweep, p.sample)[0]
-    denoiser, meta = art.load_model(args.model, "cpu")
+    denoiser, meta = store.load_model(args.model, "cpu")
     e = p.embed
     encoder = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, "cpu")
     check_fingerprint(encoder, meta)
     judge, info = load_judge(args.judge)
     rows = eval_prompts(p.dataset, args.per_combo)
-    real = art.val_images(args.shards, p.evaluate.real_images)
+    real = val_images(args.shards, p.evaluate.real_images)
     load = os.getloadavg()[0]
     header = (f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
               f"threads, load average {load:.2f} at the start; {len(rows)} images per point, batch "

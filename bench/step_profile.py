@@ -50,7 +50,7 @@ from machine import cpu_name  # noqa: E402
 from train_bench import (DiffusersTrainer, LoopTrainer, count_flops, free, make_batches, match_diffusers,  # noqa: E402
                          meta_params, peak_tflops, sync, synthetic_table, text_dims)
 
-from diffusion.model import count_params  # noqa: E402
+from diffusion.models.unet import count_params  # noqa: E402
 
 # kernel-name substrings -> kind, first match wins (cuDNN, cuBLAS(Lt), flash/efficient attention,
 # ATen's norm, elementwise and foreach kernels, inductor's triton kernels)
@@ -146,8 +146,8 @@ def diffusers_trainer(cfg, text_dim: int, pooled_dim: int, table, device):
     (parameters within 10%, the same levels, blocks, attention resolutions and 2x2 fold), trained
     the way that benchmark trains it (``DiffusersTrainer``: the loop's optimizer settings, clipping
     and EMA), eager."""
-    from diffusion.model import UNet
-    from diffusion.train import adamw_kwargs
+    from diffusion.models.unet import UNet
+    from diffusion.training.train import adamw_kwargs
 
     u = cfg.unet
     ours = meta_params(lambda: UNet(u, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=3))
@@ -163,7 +163,7 @@ def run_variant(name: str, overrides: list[str], args, device, peak, diffusers: 
     import torch
 
     from diffusion.config import load_params
-    from diffusion.train import micro_loss
+    from diffusion.training.train import micro_loss
 
     p = load_params(ROOT / args.params, overrides)
     cfg = dataclasses.replace(p.train, batch_size=args.batch, grad_accum=1, nproc_per_node=1, nnodes=1,

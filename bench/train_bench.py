@@ -23,13 +23,13 @@ What is measured, in one process, one model after the other (on the CPU in turns
    per-round ratios; the rounds are in the log and the JSON. On CUDA (``--rounds`` 1) each model
    is built, timed and freed alone. Every model trains on the same few pre-made batches (random
    images in [-1, 1], held on the CPU, pinned on CUDA, copied to the device each step as the
-   loop does) and the same random caption table. One step is what ``diffusion.train`` does:
+   loop does) and the same random caption table. One step is what ``diffusion.training.train`` does:
    caption dropout (train.cond_dropout) on the table rows, the conditioning cut to the batch's
    longest caption, the loss under the loop's autocast (bf16 on CUDA, fp32 on the CPU),
    backward, gradient clipping (train.grad_clip), AdamW (train.lr, weight_decay, betas (0.9,
    0.99), fused), the LR schedule and the EMA update; no per-step host sync.
-   - ours: ``diffusion.train.build_state`` + ``train_step`` themselves (the loop's own code:
-     ``diffusion.precond.Denoiser`` + ``diffusion.loss.diffusion_loss``, channels_last, compile).
+   - ours: ``diffusion.training.train.build_state`` + ``train_step`` themselves (the loop's own code:
+     ``diffusion.models.precond.Denoiser`` + ``diffusion.models.loss.diffusion_loss``, channels_last, compile).
    - diffusers: the equivalent step of diffusers' training scripts: t ~ U{0..T-1}, noise,
      ``DDPMScheduler.add_noise`` (the same linear betas), ``unet(x_t, t, encoder_hidden_states,
      encoder_attention_mask, class_labels=pooled)``, MSE to the noise. Our loss is the same
@@ -42,10 +42,10 @@ What is measured, in one process, one model after the other (on the CPU in turns
    linear in it; the math backend's attention matrices at batch 128 would not fit). GFLOP/img = that / batch; TFLOP/s = FLOPs per step / the median
    round's step time. On CUDA, MFU = TFLOP/s / the GPU's dense bf16 peak (H100 SXM and H200: 989
    TFLOP/s; ``--peak-tflops`` overrides; printed).
-3. The data loader alone: real WebDataset shards of the built-in dataset (``diffusion.ingest``,
+3. The data loader alone: real WebDataset shards of the built-in dataset (``diffusion.data.ingest``,
    at ``--loader-size`` px, ``--loader-samples`` training images, shards of 1000) and their
-   caption table (``diffusion.stages.embed``: the params.yaml text tower, random init, offline),
-   then ``diffusion.train``'s ``batch_loader`` with the training batch size, shuffle buffer and
+   caption table (``diffusion.pipeline.stages.embed``: the params.yaml text tower, random init, offline),
+   then ``diffusion.training.train``'s ``batch_loader`` with the training batch size, shuffle buffer and
    data workers (a DataLoader worker process, pinned memory on CUDA), timed over
    ``--loader-batches`` batches after the first (worker start and shuffle-buffer fill, reported
    apart). Reported against our UNet's training img/s at the same size: the goal is >= 10x.
@@ -56,7 +56,7 @@ Matching (printed at the start of a run, and in the JSON):
   8, 4, 2 with attention at 4x4 and 2x2); ``--preset 100m`` is params/photos-256.yaml's 116M
   UNet (128 x [1, 2, 3, 4], 2 blocks, attention at levels 1-3, 8 heads) with patch 2 for pixels,
   so 64 px gives the same 32/16/8/4 maps as that preset's 32x32 latents.
-- text: the dims the preset's text tower really produces (``diffusion.text.model_config``):
+- text: the dims the preset's text tower really produces (``diffusion.data.text.model_config``):
   params.yaml's ViT-S-32-alt with a random tower (layer token_embedding) gives 256-wide token
   states and a 256-wide pooled vector (384 is its vision width, unused); photos-256's pretrained
   ViT-B-32 (layer last) 512 and 512. A random table of ``--tokens`` (16) token slots per caption,
@@ -117,7 +117,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_name  # noqa: E402
 
-from diffusion.model import count_params  # noqa: E402
+from diffusion.models.unet import count_params  # noqa: E402
 
 TOLERANCE = 0.10  # parameter counts must agree within this
 LOADER_GOAL = 10.0  # the loader must outrun training this many times
@@ -140,7 +140,7 @@ def log(msg: str) -> None:
 
 def text_dims(embed) -> tuple[int, int, str]:
     """(token width, pooled width, layer) that the preset's text tower produces."""
-    from diffusion.text import model_config, resolve_layer
+    from diffusion.data.text import model_config, resolve_layer
 
     cfg = model_config(embed.model)
     width = int(cfg["text_cfg"]["width"])
@@ -205,7 +205,7 @@ def block_params(u, kwargs: dict, text_dim: int, pooled_dim: int) -> tuple[tuple
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-    from diffusion.model import ResBlock, TransformerBlock, UNet
+    from diffusion.models.unet import ResBlock, TransformerBlock, UNet
 
     def split(model, res, attn) -> tuple[int, int]:
         return tuple(sum(count_params(m) for m in model.modules() if isinstance(m, cls)) for cls in (res, attn))
@@ -320,7 +320,7 @@ def match_dits(dit_cfg, specs: list[str], target: int, text_dim: int, pooled_dim
 def match_dit(dit_cfg, target: int, text_dim: int, pooled_dim: int, in_ch: int, cuda: bool):
     """A DiTConfig like ``dit_cfg`` (heads, patch, mlp ratio) whose parameter count matches ``target``:
     its width, and its depth only if no width gets within the tolerance."""
-    from diffusion.dit import DiT
+    from diffusion.models.dit import DiT
 
     def params(width: int, depth: int) -> int:
         return meta_params(lambda: DiT(dataclasses.replace(dit_cfg, width=width, depth=depth), text_dim=text_dim,
@@ -347,7 +347,7 @@ def synthetic_table(rows: int, tokens: int, text_dim: int, pooled_dim: int, seed
     between tokens/2 and tokens real tokens (some of them full), float16 like the real table."""
     import torch
 
-    from diffusion.text import EMPTY_CAPTION, EmbeddingTable
+    from diffusion.data.text import EMPTY_CAPTION, EmbeddingTable
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(max(2, tokens // 2), tokens + 1, (rows,), generator=g)
@@ -363,7 +363,7 @@ def synthetic_table(rows: int, tokens: int, text_dim: int, pooled_dim: int, seed
 def make_batches(n: int, batch: int, size: int, rows: int, seed: int, pin: bool) -> list:
     import torch
 
-    from diffusion.train_data import Batch, DataPosition
+    from diffusion.training.train_data import Batch, DataPosition
 
     g = torch.Generator().manual_seed(seed + 1)
     out = []
@@ -385,8 +385,8 @@ class LoopTrainer:
     """Ours through the training loop's own pieces (``build_state``, ``train_step``)."""
 
     def __init__(self, cfg, table, size: int, device):
-        from diffusion.distributed import Dist
-        from diffusion.train import TextTable, build_state
+        from diffusion.training.distributed import Dist
+        from diffusion.training.train import TextTable, build_state
 
         self.state = build_state(cfg, table, size, None, device, Dist())
         self.state.model.train()
@@ -395,12 +395,12 @@ class LoopTrainer:
         self.compiled = cfg.compile
 
     def step(self, batch):
-        from diffusion.train import train_step
+        from diffusion.training.train import train_step
 
         return train_step(self.state, [batch], self.text, False)[0]
 
     def eager_loss(self, batch):
-        from diffusion.train import micro_loss
+        from diffusion.training.train import micro_loss
 
         return micro_loss(dataclasses.replace(self.state, forward=self.state.model), batch, self.text, False)
 
@@ -438,7 +438,7 @@ class DiffusersTrainer:
         import torch
         from diffusers import DDPMScheduler
 
-        from diffusion.train import TextTable, autocast_dtype, lr_factor
+        from diffusion.training.train import TextTable, autocast_dtype, lr_factor
 
         torch.manual_seed(cfg.seed)
         self.model = FoldedUNet.build(match["kwargs"], patch).to(device)
@@ -482,7 +482,7 @@ class DiffusersTrainer:
     def step(self, batch):
         import torch
 
-        from diffusion.train import ema_update
+        from diffusion.training.train import ema_update
 
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss(batch, self.forward)
@@ -593,7 +593,7 @@ def build_trainer(name: str, size: int, args, device, cfg, table, m: dict, unet,
     if name == "ours-unet" or name in dits:
         return LoopTrainer(cfg if name == "ours-unet" else dataclasses.replace(cfg, denoiser="dit", dit=dits[name]),
                            table, size, device)
-    from diffusion.train import adamw_kwargs
+    from diffusion.training.train import adamw_kwargs
 
     opt = adamw_kwargs(cfg, device)  # the settings the loop gives ours
     match = m if name == "diffusers-unet" else match_diffusers(unet, ours_params, text_dim, pooled_dim, 3, cuda)
@@ -606,7 +606,7 @@ def bench_optimizer(unet, text_dim: int, pooled_dim: int, opt_kwargs: dict, devi
     against PyTorch's default implementation on this device (the per-tensor loop on the CPU)."""
     import torch
 
-    from diffusion.model import UNet
+    from diffusion.models.unet import UNet
 
     torch.manual_seed(0)
     params = list(UNet(unet, text_dim=text_dim, pooled_dim=pooled_dim).to(device).parameters())
@@ -657,11 +657,11 @@ def peak_tflops(device, override: float | None) -> tuple[float | None, str]:
 
 def bench_loader(args, size: int, batch: int, workers: int, seed: int, buffer: int, device, tmp: Path) -> dict:
     from diffusion import artifacts as art
-    from diffusion import stages
+    from diffusion.pipeline import stages
     from diffusion.config import load_params
-    from diffusion.ingest import ingest
-    from diffusion.text import EmbeddingTable
-    from diffusion.train_data import DataPosition, DataSpec, batch_loader
+    from diffusion.data.ingest import ingest
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.training.train_data import DataPosition, DataSpec, batch_loader
 
     p = load_params(ROOT / "params.yaml", [f"dataset.image_size={size}", f"dataset.n_train={args.loader_samples}",
                                            "dataset.n_val=50", "ingest.samples_per_shard=1000"])
@@ -788,7 +788,7 @@ def main() -> int:
     import diffusers
 
     from diffusion.config import load_params
-    from diffusion.train import autocast_dtype
+    from diffusion.training.train import autocast_dtype
 
     preset = PRESETS[args.preset]
     params_file = ROOT / (args.params or preset["params"])
@@ -821,14 +821,14 @@ def main() -> int:
         print("device: cpu (fp32, no MFU)")
     print(f"run: preset {args.preset} ({params_file.relative_to(ROOT)}), batch {batch}, sizes {sizes}, "
           f"{args.warmup} warmup + {rounds} round(s) of {args.steps} timed steps per model (median round), seed {args.seed}, "
-          "ours via diffusion.train.build_state/train_step")
+          "ours via diffusion.training.train.build_state/train_step")
     if os.cpu_count() and load1 > os.cpu_count() / 2 and not cuda:
         print(f"WARNING: load average {load1:.2f} on {os.cpu_count()} cores: other work shares the CPU, timings are low")
 
     # ---- matching
     in_ch = 3 * unet.patch**2
     with torch.device("meta"):
-        from diffusion.model import UNet
+        from diffusion.models.unet import UNet
 
         ours_params = count_params(UNet(unet, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=3))
     m = match_diffusers(unet, ours_params, text_dim, pooled_dim, in_ch, cuda)
@@ -970,7 +970,7 @@ def main() -> int:
             loader["ratio"] = loader["img_per_s"] / ours["img_per_s"]
             loader["meets_goal"] = loader["ratio"] >= LOADER_GOAL
 
-    from diffusion.train import adamw_kwargs
+    from diffusion.training.train import adamw_kwargs
 
     optim = bench_optimizer(unet, text_dim, pooled_dim, adamw_kwargs(cfg, device), device)
 

@@ -43,11 +43,11 @@ def count_variant(name: str, overrides: list[str], args) -> dict:
 
     from diffusion import artifacts as art
     from diffusion.config import load_params
-    from diffusion.distributed import Dist
-    from diffusion.model import count_params
-    from diffusion.text import EmbeddingTable
-    from diffusion.train import TextTable, build_state, micro_loss
-    from diffusion.train_data import DataSpec, batch_loader
+    from diffusion.training.distributed import Dist
+    from diffusion.models.unet import count_params
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.training.train import TextTable, build_state, micro_loss
+    from diffusion.training.train_data import DataSpec, batch_loader
 
     p = load_params(ROOT / args.params, overrides)
     cfg = dataclasses.replace(p.train, grad_accum=1, nproc_per_node=1, nnodes=1, data_workers=0, compile=False)

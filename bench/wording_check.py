@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_name  # noqa: E402
-from diffusion import artifacts as art  # noqa: E402
+from diffusion.models import store  # noqa: E402
 from diffusion.config import load_params  # noqa: E402
-from diffusion.generate import encode_prompts, generate  # noqa: E402
-from diffusion.judge import load_judge, predict  # noqa: E402
-from diffusion.shapes import all_combos, is_held_out  # noqa: E402
-from diffusion.text import load_text_encoder  # noqa: E402
+from diffusion.sampling.generate import encode_prompts, generate  # noqa: E402
+from diffusion.evaluation.judge import load_judge, predict  # noqa: E402
+from diffusion.data.shapes import all_combos, is_held_out  # noqa: E402
+from diffusion.data.text import load_text_encoder  # noqa: E402
 
 ATTRS = ("shape", "color", "size", "position")
 FRAMES = (
@@ -70,7 +70,7 @@ def main() -> int:
             where = WHERE.get(combo["position"], (f"on the {combo['position']}",))
             rows.append({"prompt": frames[f].format(where=where[rng.integers(len(where))], **combo), "frame": int(f),
                          **combo, "held_out": is_held_out(combo, p.dataset.holdout)})
-    denoiser, meta = art.load_model(args.model, "cpu")
+    denoiser, meta = store.load_model(args.model, "cpu")
     e = p.embed
     encoder = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, "cpu")
     t0 = time.perf_counter()

@@ -1,5 +1,9 @@
-"""Every file passed between stages: its name, how it is saved and loaded, and the check that it
-exists (with the stage that makes it, for the one-line error).
+"""Every file passed between stages: its name, how it is written (atomically) and read, and the
+check that it exists (with the stage that makes it, for the one-line error).
+
+The low level of the house: it imports nothing of the project but ``diffusion.errors``, so any
+module may import it. What builds objects from these files lives above it: the denoiser in
+``diffusion.models.store``, the logged MLflow model in ``diffusion.registry.bundle``.
 
 Stages, the registry, evaluation, batch generation, the flows and the CLI import names and
 loaders from here instead of reaching into the module of the stage that wrote them, so each file
@@ -22,7 +26,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from diffusion.config import SAMPLER_KEYS, SampleConfig
 from diffusion.errors import MissingInputError, T2IError, require_path
 
 # ---------------------------------------------------------------------------------------------
@@ -89,13 +92,16 @@ def index_files(shards_dir: str | Path) -> list[Path]:
 
 def shard_urls(shards_dir: str | Path, split: str) -> list[str]:
     """The split's shard files (at least one), sorted."""
-    from diffusion.shards import list_shards
-
     split_dir = require(Path(shards_dir) / split, f"{split} shards", "ingest")
     urls = list_shards(split_dir)
     if not urls:
         raise MissingInputError(f"no {split} shards ({SHARD_GLOB}) in {split_dir} (run the ingest stage first)")
     return urls
+
+
+def list_shards(split_dir: str | Path) -> list[str]:
+    """Sorted shard paths of one split directory (only finished shards, never temp files)."""
+    return sorted(str(p) for p in Path(split_dir).glob(SHARD_GLOB))
 
 
 def shard_stats(shards_dir: str | Path) -> dict:
@@ -108,18 +114,6 @@ def square_image_size(shards_dir: str | Path) -> int:
     if stats.get("resize_mode") == "keep_ratio":
         raise T2IError("training needs square images: ingest with ingest.resize_mode center_crop or pad")
     return int(stats["image_size"])
-
-
-def val_images(shards_dir: str | Path, n: int) -> np.ndarray:
-    """The first ``n`` real validation images (uint8, N x H x W x 3), in shard order."""
-    import itertools
-
-    import numpy as np
-
-    from diffusion.shards import iter_samples
-
-    images = [s["image"] for s in itertools.islice(iter_samples(shard_urls(shards_dir, "val")), n)]
-    return np.stack([np.asarray(i) for i in images])
 
 
 def val_identity(shards_dir: str | Path) -> dict:
@@ -146,22 +140,6 @@ LOSS_CURVE = "loss_curve.png"
 LOSS_HISTORY = "loss.csv"  # step,loss: a DVC plot
 
 
-def build_denoiser(cfg, text_dim: int, pooled_dim: int, in_channels: int = 3):
-    """The network ``cfg.denoiser`` names (the UNet or the DiT) behind its preconditioning, from a
-    TrainConfig (``in_channels``: 3 for pixels, the VAE's latent channels for a latent model)."""
-    from diffusion.precond import Denoiser
-
-    if cfg.denoiser == "dit":
-        from diffusion.dit import DiT
-
-        net = DiT(cfg.dit, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=in_channels)
-    else:
-        from diffusion.model import UNet
-
-        net = UNet(cfg.unet, text_dim=text_dim, pooled_dim=pooled_dim, in_channels=in_channels)
-    return Denoiser(net, cfg.timesteps, cfg.beta_min, cfg.beta_max, cfg.prediction)
-
-
 def require_model(model_dir: str | Path) -> Path:
     d = Path(model_dir)
     for f in (MODEL_WEIGHTS, MODEL_CONFIG):
@@ -170,46 +148,8 @@ def require_model(model_dir: str | Path) -> Path:
     return d
 
 
-def save_model(ema, out_dir: str | Path, meta: dict) -> None:
-    """The EMA weights (float32 safetensors) and everything needed to rebuild the network."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in ema.net.state_dict().items()},
-              str(out / MODEL_WEIGHTS))
-    write_json(out / MODEL_CONFIG, meta)
-
-
 def model_meta(model_dir: str | Path) -> dict:
     return json.loads((require_model(model_dir) / MODEL_CONFIG).read_text())
-
-
-def load_model(model_dir: str | Path, device="cpu", latents=None, vae=None):
-    """(denoiser in eval mode on ``device``, meta) from model.safetensors + model.json.
-
-    A latent model also gets its decoder (``denoiser.codec``): ``vae`` if given, else the one
-    params ``latents`` (a LatentsConfig) name, else the one recorded in model.json; each is
-    checked against the latent space the model was trained on (``diffusion.latents.check_vae``).
-    """
-    from safetensors.torch import load_file
-
-    from diffusion.config import DiTConfig, TrainConfig, UNetConfig
-
-    d = require_model(model_dir)
-    meta = json.loads((d / MODEL_CONFIG).read_text())
-    saved = meta["train"]
-    train_cfg = TrainConfig(**{k: v for k, v in saved.items() if k not in ("unet", "dit")},
-                            unet=UNetConfig(**saved["unet"]), dit=DiTConfig(**saved.get("dit", {})))
-    channels = meta["latents"]["channels"] if "latents" in meta else 3
-    den = build_denoiser(train_cfg, meta["text_dim"], meta["pooled_dim"], in_channels=channels)
-    den.net.load_state_dict(load_file(str(d / MODEL_WEIGHTS)))
-    from diffusion import latents as lat
-
-    if vae is None:
-        vae = lat.vae_for_model(meta, latents)
-    if vae is not None:
-        den.codec = lat.codec_for(vae, meta, device, latents)
-    return den.to(device).eval(), meta
 
 
 def write_run_file(model_dir: str | Path, run_id: str, experiment_id: str, uri: str) -> None:
@@ -296,64 +236,5 @@ BUNDLE_SAMPLER = "sampler.json"
 BUNDLE_EVAL = "evaluation.json"  # the evaluation fingerprint and metrics the version was registered with
 BUNDLE_VAE = "vae"  # latent models: the autoencoder (diffusers folder), so the model decodes on its own
 # MLflow artifact name -> file or folder in the bundle
-# the sampler settings a model is registered with (SampleConfig keys)
-BUNDLE_SAMPLER_KEYS = (*SAMPLER_KEYS, "batch_size")
 BUNDLE = {"denoiser": BUNDLE_DENOISER, "text_encoder": BUNDLE_TEXT_WEIGHTS, "text_encoder_spec": BUNDLE_TEXT_SPEC,
           "sampler": BUNDLE_SAMPLER, "evaluation": BUNDLE_EVAL}
-
-
-def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, evaluation: dict,
-                 vae=None) -> dict[str, str]:
-    """Lay out a self-contained model in ``dest`` (with ``vae``, a latent model's autoencoder);
-    returns MLflow's {artifact name: path}."""
-    import shutil
-
-    from safetensors.torch import save_file
-
-    dest = Path(dest)
-    (dest / BUNDLE_DENOISER).mkdir(parents=True)
-    src = require_model(model_dir)
-    for f in (MODEL_WEIGHTS, MODEL_CONFIG):
-        shutil.copy(src / f, dest / BUNDLE_DENOISER / f)
-    save_file({k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()},
-              str(dest / BUNDLE_TEXT_WEIGHTS))
-    write_json(dest / BUNDLE_TEXT_SPEC, {"model": encoder.fingerprint["model"], "layer": encoder.layer,
-                                         "fingerprint": encoder.fingerprint})
-    write_json(dest / BUNDLE_SAMPLER, {k: getattr(settings, k) for k in BUNDLE_SAMPLER_KEYS})
-    write_json(dest / BUNDLE_EVAL, evaluation)
-    paths = {name: str(dest / f) for name, f in BUNDLE.items()}
-    if vae is not None:
-        vae.save_pretrained(str(dest / BUNDLE_VAE), safe_serialization=True)
-        paths["vae"] = str(dest / BUNDLE_VAE)
-    return paths
-
-
-def load_bundle(artifacts: dict[str, str], device="cpu"):
-    """(denoiser, meta, text encoder, sampler settings) from a bundle's artifact paths (as MLflow
-    hands them to ``load_context``, or ``bundle_paths`` of a downloaded model)."""
-    from diffusion.text import load_text_encoder
-
-    spec = json.loads(Path(artifacts["text_encoder_spec"]).read_text())
-    encoder = load_text_encoder(spec["model"], pretrained=artifacts["text_encoder"], layer=spec["layer"],
-                                device=str(device), fingerprint=spec["fingerprint"])
-    vae = None
-    if artifacts.get("vae"):
-        from diffusion.latents import load_vae
-
-        vae = load_vae(artifacts["vae"], key="the model's vae artifact")
-    denoiser, meta = load_model(artifacts["denoiser"], device, vae=vae)
-    saved = json.loads(Path(artifacts["sampler"]).read_text())
-    settings = SampleConfig(**{k: v for k, v in saved.items() if k in BUNDLE_SAMPLER_KEYS})
-    return denoiser, meta, encoder, settings
-
-
-def bundle_paths(model_root: str | Path) -> dict[str, str]:
-    """Artifact paths of a downloaded MLflow model folder (the one holding ``MLmodel``)."""
-    root = Path(model_root) / "artifacts"
-    paths = {name: str(root / f) for name, f in BUNDLE.items() if name != "evaluation"}
-    for p in paths.values():
-        if not Path(p).exists():
-            raise T2IError(f"{model_root} is not a t2i model: {p} is missing")
-    if (root / BUNDLE_VAE).is_dir():
-        paths["vae"] = str(root / BUNDLE_VAE)
-    return paths

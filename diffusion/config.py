@@ -29,7 +29,7 @@ from diffusion.errors import ConfigError
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """The built-in shapes dataset (diffusion.shapes)."""
+    """The built-in shapes dataset (diffusion.data.shapes)."""
 
     seed: int = 0
     image_size: int = 16  # px; 16 is what a 2-core CPU can learn well in ~10 minutes
@@ -55,7 +55,7 @@ class DatasetConfig:
         default_factory=lambda: {"left": 0.32, "center": 0.5, "right": 0.68}
     )
     jitter: float = 0.03  # uniform +- jitter of the centre (fraction of the side), both axes
-    # each training caption leaves an attribute out with this probability (diffusion.captions);
+    # each training caption leaves an attribute out with this probability (diffusion.data.captions);
     # the model then learns to choose it itself, as for a user's prompt that does not say
     caption_omit: dict[str, float] = field(
         default_factory=lambda: {"shape": 0.1, "color": 0.1, "size": 0.1, "position": 0.1}
@@ -72,7 +72,7 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    """HTTP fetching for URL sources (diffusion.ingest.download)."""
+    """HTTP fetching for URL sources (diffusion.data.ingest.download)."""
 
     timeout: float = 10.0  # seconds, per connect and per read
     retries: int = 2  # extra attempts after a timeout, a connection error, 429 or 5xx
@@ -116,7 +116,7 @@ class IngestConfig:
 
 @dataclass(frozen=True)
 class LatentsConfig:
-    """Latent diffusion (diffusion.latents): encode every image once with a pretrained autoencoder
+    """Latent diffusion (diffusion.data.latents): encode every image once with a pretrained autoencoder
     (the latents stage) and train and sample in its latent space. Off (pixel space) while vae is null."""
 
     # diffusers AutoencoderKL: a hub id (stabilityai/sd-vae-ft-mse), a diffusers folder, or one
@@ -137,7 +137,7 @@ class EmbedConfig:
     seed: int = 0  # seed of the random initialisation when pretrained is null
     # per-token states: "last" or "penultimate" block (after ln_final), or "token_embedding" (each
     # word's vector, the same in any sentence; pooled = their mean); auto: token_embedding for the
-    # random tower, last for pretrained weights (diffusion.text.resolve_layer)
+    # random tower, last for pretrained weights (diffusion.data.text.resolve_layer)
     layer: str = "auto"
     batch_size: int = 256
     device: str = "auto"
@@ -180,7 +180,7 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """A transformer denoiser (diffusion.dit): patches of the image (or latent) as tokens, adaLN
+    """A transformer denoiser (diffusion.models.dit): patches of the image (or latent) as tokens, adaLN
     conditioning on the timestep + pooled text, cross-attention to the caption tokens."""
 
     width: int = 384
@@ -242,7 +242,7 @@ class TrainConfig:
     nnodes: int = 1
     rdzv_endpoint: str = "127.0.0.1:29400"
     rdzv_id: str = "t2i-train"
-    denoiser: str = "unet"  # unet | dit (diffusion.dit): the network behind the same denoiser contract
+    denoiser: str = "unet"  # unet | dit (diffusion.models.dit): the network behind the same denoiser contract
     # custom: train.unet / train.dit as written; tiny (a 3.6M UNet, 48 wide) | small (~30M) | base
     # (~110M): SIZE_PRESETS replaces both (any resolution that is a multiple of 16)
     size: str = "custom"
@@ -259,9 +259,9 @@ class SampleConfig:
     """Sampler settings (what ``generate`` reads; the registered model keeps the sampler keys)
     and the evaluation prompt set of the sample stage."""
 
-    sampler: str = "ddpm"  # ddpm (ancestral) | ddim | euler | heun | dpmpp_2m | dpmpp_2m_sde (diffusion.samplers)
+    sampler: str = "ddpm"  # ddpm (ancestral) | ddim | euler | heun | dpmpp_2m | dpmpp_2m_sde (diffusion.sampling.samplers)
     steps: int = 20  # noise levels visited (heun evaluates the network 2 * steps - 1 times)
-    spacing: str = "karras"  # karras | uniform | trailing (diffusion.schedules.sampling_sigmas)
+    spacing: str = "karras"  # karras | uniform | trailing (diffusion.models.schedules.sampling_sigmas)
     eta: Optional[float] = None  # ddim/euler/dpmpp_2m_sde noise: null = the sampler's default (sde 1, else 0)
     guidance_scale: float = 4.0
     # [sigma_lo, sigma_hi]: guidance only at noise levels inside (Kynkaanniemi et al. 2024); null: all
@@ -331,7 +331,7 @@ def sampler_problems(cfg: SampleConfig, timesteps: int) -> list[str]:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Image-quality metrics beside the judge's adherence (diffusion.evaluate, diffusion.metrics)."""
+    """Image-quality metrics beside the judge's adherence (diffusion.evaluation.evaluate, diffusion.evaluation.metrics)."""
 
     # FID/KID: torch-fidelity's Inception weights (weights-inception-2015-12-05-6726825d.pth):
     # "auto" uses the file when it is in torch's hub cache or $T2I_WEIGHTS_DIR; a path; or null (off)

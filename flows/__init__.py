@@ -1,1 +1,1 @@
-"""Prefect flows: thin wrappers over diffusion.stages (orchestration, retries, logging only)."""
+"""Prefect flows: thin wrappers over diffusion.pipeline.stages (orchestration, retries, logging only)."""

@@ -10,8 +10,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from diffusion import tracking
-from diffusion.batch import run_batch
+from diffusion.registry import tracking
+from diffusion.pipeline.batch import run_batch
 from diffusion.config import Params, load_params
 from diffusion.errors import T2IError
 

@@ -130,7 +130,7 @@ def _stage(name: str, *args: str) -> Callable:
 def _train(p, a):
     """The train stage's flow; with train.nproc_per_node (or nnodes) above 1, first relaunched under
     torchrun, one process per GPU. Rank 0 runs the Prefect flow (and logs); the others train only."""
-    from diffusion import distributed
+    from diffusion.training import distributed
 
     t = p.train
     if (t.nproc_per_node > 1 or t.nnodes > 1) and not distributed.launched():
@@ -143,7 +143,7 @@ def _train(p, a):
             raise T2IError(f"torchrun exited with code {code} (the ranks' errors are above)")
         return
     if distributed.launched_rank():
-        from diffusion import stages
+        from diffusion.pipeline import stages
 
         stages.train(p, a.shards, a.embeddings, a.out, progress=False, latents_dir=a.latents)
         return
@@ -170,8 +170,8 @@ def _promote(p, a):
 def _rollback(p, a):
     import mlflow
 
-    from diffusion import tracking
-    from diffusion.promote import rollback
+    from diffusion.registry import tracking
+    from diffusion.registry.promote import rollback
 
     tracking.setup(p.mlflow)
     d = rollback(mlflow.MlflowClient(), tracking.tracking_uri(p.mlflow), a.model_name or p.register.model_name,
@@ -182,8 +182,8 @@ def _rollback(p, a):
 def _lineage(p, a):
     import mlflow
 
-    from diffusion import tracking
-    from diffusion.registry import parse_model_uri, resolve_version
+    from diffusion.registry import tracking
+    from diffusion.registry.pyfunc import parse_model_uri, resolve_version
 
     tracking.setup(p.mlflow)
     mv = resolve_version(parse_model_uri(a.model or p.batch.model_uri, p.promote.alias))
@@ -203,8 +203,8 @@ def _lineage(p, a):
 def _generate(p, a):
     import mlflow
 
-    from diffusion import tracking
-    from diffusion.batch import check_request
+    from diffusion.registry import tracking
+    from diffusion.pipeline.batch import check_request
     from flows.batch import batch_generation_flow
 
     mlflow.set_tracking_uri(tracking.tracking_uri(p.mlflow))
@@ -225,7 +225,7 @@ def _pipeline(p, a):
 
 
 def _summary(p, a):
-    from diffusion import tracking
+    from diffusion.registry import tracking
     from flows.project import summary
 
     print(summary(".", tracking.tracking_uri(p.mlflow)))
@@ -264,7 +264,7 @@ def _run(args: argparse.Namespace) -> None:
         if getattr(args, arg) is not None:
             require(getattr(args, arg), what, maker)
     if args.command in NEEDS_TEXT_MODEL:
-        from diffusion.text import model_config
+        from diffusion.data.text import model_config
 
         model_config(p.embed.model)  # unknown model names fail here, in one line
     COMMANDS[args.command](p, args)

@@ -66,7 +66,7 @@ def train_flow(project_dir: str = ".", stages: list[str] | None = None, force: b
     api_url = current_api_url()
     for stage in chosen:
         repro_stage(stage, str(project), force, api_url)
-    from diffusion import tracking
+    from diffusion.registry import tracking
     from diffusion.config import load_params
     from flows.project import summary
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from diffusion import stages
+from diffusion.pipeline import stages
 from diffusion.config import Params
 
 

@@ -285,7 +285,7 @@ def _port(value: int | None, var: str, default: int) -> int:
 
 
 def _tracking_uri(project: Path) -> str:
-    from diffusion import tracking
+    from diffusion.registry import tracking
     from diffusion.config import load_params
 
     return tracking.tracking_uri(load_params(project / "params.yaml").mlflow)

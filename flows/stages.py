@@ -1,4 +1,4 @@
-"""One Prefect flow per pipeline stage, each a thin wrapper over ``diffusion.stages``.
+"""One Prefect flow per pipeline stage, each a thin wrapper over ``diffusion.pipeline.stages``.
 
 Without ``PREFECT_API_URL`` a flow runs in-process against a temporary local API; with it set, it
 reports to that server. ``dvc.yaml`` runs these through the ``t2i`` CLI.
@@ -12,10 +12,10 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from diffusion import stages
+from diffusion.pipeline import stages
 from diffusion.config import IngestConfig, Params
 from diffusion.errors import ConfigError
-from diffusion.ingest import process_unit
+from diffusion.data.ingest import process_unit
 
 
 @task(name="ingest-unit", task_run_name="unit {unit.index}", cache_policy=NO_CACHE, persist_result=False)
@@ -132,7 +132,7 @@ def run_ingest_flow(p: Params, out_dir: str) -> dict:
 @flow(name="stage-latents", log_prints=True)
 def latents_flow(p: Params, shards_dir: str, out_dir: str) -> dict:
     """Encode the shards' images with params.latents.vae (a no-op record while it is null)."""
-    from diffusion.latents import summary_line
+    from diffusion.data.latents import summary_line
 
     result = latents_task(p, shards_dir, out_dir)
     print(summary_line(result))

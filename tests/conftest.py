@@ -53,7 +53,7 @@ def tiny_params():
 
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_params, tmp_path_factory) -> Path:
-    from diffusion.ingest import ingest
+    from diffusion.data.ingest import ingest
 
     out = tmp_path_factory.mktemp("shards")
     ingest(tiny_params.ingest, tiny_params.dataset, out, progress=False)
@@ -62,7 +62,7 @@ def tiny_shards(tiny_params, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def text_encoder(tiny_params):
-    from diffusion.text import load_text_encoder
+    from diffusion.data.text import load_text_encoder
 
     e = tiny_params.embed
     return load_text_encoder(e.model, e.pretrained, e.seed, e.layer, "cpu")
@@ -70,7 +70,7 @@ def text_encoder(tiny_params):
 
 @pytest.fixture(scope="session")
 def tiny_embeddings(tiny_shards, text_encoder, tmp_path_factory) -> Path:
-    from diffusion.text import captions_from_index, embed_captions
+    from diffusion.data.text import captions_from_index, embed_captions
 
     out = tmp_path_factory.mktemp("embeddings")
     embed_captions(text_encoder, captions_from_index(tiny_shards)).save(out)
@@ -137,8 +137,8 @@ def _restore_mlflow_tracking_uri():
 def tiny_model(tiny_params, tiny_shards, tiny_embeddings, tmp_path_factory) -> Path:
     """A tiny trained model folder (model.safetensors + model.json), as the train stage writes it."""
     from diffusion.artifacts import shard_urls
-    from diffusion.text import EmbeddingTable
-    from diffusion.train import train
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.training.train import train
 
     out = tmp_path_factory.mktemp("model")
     train(tiny_params.train, shard_urls(tiny_shards, "train"), EmbeddingTable.load(tiny_embeddings), out,
@@ -152,7 +152,7 @@ def registered_model(tiny_params, tiny_model, text_encoder, tmp_path_factory) ->
     model as the pipeline registers it, with @champion on it. Returns {tracking_uri, name, version, dir}."""
     import mlflow
 
-    from diffusion.registry import log_and_register
+    from diffusion.registry.pyfunc import log_and_register
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -171,7 +171,7 @@ def inception_weights(tmp_path_factory) -> Path:
     import torch
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from diffusion.metrics import INCEPTION_FILE
+    from diffusion.evaluation.metrics import INCEPTION_FILE
 
     class Unloaded(FeatureExtractorInceptionV3):  # its constructor insists on loading a file: skip that
         def load_state_dict(self, state_dict, strict=True):

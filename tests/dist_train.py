@@ -34,8 +34,8 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     from diffusion.artifacts import shard_urls
     from diffusion.config import TrainConfig, UNetConfig
-    from diffusion.text import EmbeddingTable
-    from diffusion.train import train
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.training.train import train
 
     t = dict(spec["train"])
     unet = UNetConfig(**t.pop("unet", {}))

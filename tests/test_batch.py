@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from conftest import tiny_params_dict
-from diffusion.batch import (CONTACT_SHEET, PARTS, batch_dir, generate_batch, load_generator, plan_rows,
+from diffusion.pipeline.batch import (CONTACT_SHEET, PARTS, batch_dir, generate_batch, load_generator, plan_rows,
                              read_prompts)
 from diffusion.errors import T2IError
 

@@ -83,7 +83,7 @@ def test_several_dits_are_each_matched_and_named_by_their_shape():
 def test_block_params_splits_both_unets_between_resnet_and_transformer_blocks():
     """At the matched count diffusers' transformer blocks (GEGLU feed-forward, proj_in/out) hold a
     larger share than ours, so its ResNet blocks (the convolutions) hold a smaller one."""
-    from diffusion.model import UNet, count_params
+    from diffusion.models.unet import UNet, count_params
 
     u = UNetConfig(channels=32, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=4)
     ours = count_params(UNet(u, text_dim=256, pooled_dim=256))
@@ -103,7 +103,7 @@ def test_diffusers_projects_the_caption_once_where_ours_does():
     from diffusers import UNet2DConditionModel
     from torch import nn
 
-    from diffusion.model import UNet, count_params
+    from diffusion.models.unet import UNet, count_params
 
     for ctx_dim in (None, 64):
         u = UNetConfig(channels=32, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=4, ctx_dim=ctx_dim)

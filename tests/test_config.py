@@ -25,7 +25,7 @@ def test_shipped_params_load_and_spell_out_every_key():
 def test_presets_spell_out_what_params_yaml_does_and_fit_their_data(preset):
     """A preset replaces params.yaml (cp preset params.yaml): every key DVC tracks must be there."""
     from diffusion.config import check_fits
-    from diffusion.model import UNet, count_params
+    from diffusion.models.unet import UNet, count_params
 
     p = load_params(preset)
     data, shipped = yaml.safe_load(preset.read_text()), yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -111,9 +111,9 @@ def test_cross_field_checks():
 def test_size_presets_have_their_size_and_fit_every_resolution(size, low, high, denoiser):
     import torch
 
-    from diffusion.artifacts import build_denoiser
+    from diffusion.models.store import build_denoiser
     from diffusion.config import check_fits
-    from diffusion.model import Cond, count_params
+    from diffusion.models.unet import Cond, count_params
 
     p = load_params(ROOT / "params.yaml", [f"train.size={size}", f"train.denoiser={denoiser}"])
     with torch.device("meta"):  # counted without allocating the weights

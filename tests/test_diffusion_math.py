@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from diffusion.config import UNetConfig
-from diffusion.loss import diffusion_loss
-from diffusion.model import Cond, UNet, count_params
-from diffusion.precond import Denoiser, GuidedDenoiser
-from diffusion.samplers import SAMPLERS, ancestral_step, initial_noise, network_evals, sample_ancestral, sampler_fn
-from diffusion.schedules import SPACINGS, ddpm_sigmas, linear_betas, sampling_sigmas, sigma_to_t
+from diffusion.models.loss import diffusion_loss
+from diffusion.models.unet import Cond, UNet, count_params
+from diffusion.models.precond import Denoiser, GuidedDenoiser
+from diffusion.sampling.samplers import SAMPLERS, ancestral_step, initial_noise, network_evals, sample_ancestral, sampler_fn
+from diffusion.models.schedules import SPACINGS, ddpm_sigmas, linear_betas, sampling_sigmas, sigma_to_t
 
 BETAS = linear_betas(1000, 1e-4, 0.02)
 SIGMAS = ddpm_sigmas(BETAS)
@@ -198,7 +198,7 @@ def forward_backward_flops(net, x, t, c):
 def test_unet_up_path_options_keep_the_shapes_and_cut_the_flops():
     """up_blocks and a conv_nearest upsampler change the cost, not the contract (B, C, H, W) in and
     out; each option counts fewer FLOPs than ADM's layout and the unused skips are not built."""
-    from diffusion.model import group_norm
+    from diffusion.models.unet import group_norm
 
     x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0]), cond(2)
     flops = {}
@@ -219,7 +219,7 @@ def test_unet_ctx_dim_projects_the_caption_once_for_every_block():
     """ctx_dim: one projection of the caption tokens, every block's keys and values read its width;
     fewer FLOPs and parameters, the same contract, and padding still ignored (a masked-out token's
     values change nothing)."""
-    from diffusion.model import Attention
+    from diffusion.models.unet import Attention
 
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
     c = Cond(torch.randn(2, 6, 32), torch.tensor([[True] * 6, [True] * 3 + [False] * 3]), torch.randn(2, 8))

@@ -1,4 +1,4 @@
-"""The DiT denoiser network (diffusion.dit): the UNet's contract, adaLN-Zero, the caption mask, training."""
+"""The DiT denoiser network (diffusion.models.dit): the UNet's contract, adaLN-Zero, the caption mask, training."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from diffusion.config import DiTConfig
-from diffusion.dit import DiT
-from diffusion.loss import diffusion_loss
-from diffusion.model import Cond
-from diffusion.precond import Denoiser
+from diffusion.models.dit import DiT
+from diffusion.models.loss import diffusion_loss
+from diffusion.models.unet import Cond
+from diffusion.models.precond import Denoiser
 
 TINY = DiTConfig(width=32, depth=2, heads=2, patch=2)
 TEXT_DIM, POOLED_DIM, L = 16, 8, 6

@@ -66,7 +66,7 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     import mlflow
 
     from diffusion.config import parse_params, to_dict
-    from diffusion.lineage import params_hash
+    from diffusion.registry.lineage import params_hash
 
     project = copy_project(tmp_path / "project")
     params = yaml.safe_load((project / "params.yaml").read_text())

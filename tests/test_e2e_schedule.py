@@ -30,7 +30,7 @@ def _register_champion(project, tiny_model, text_encoder, tiny_params) -> None:
     """What the pipeline leaves behind: t2i-shapes version 1 in the project's store, @champion."""
     import mlflow
 
-    from diffusion.registry import log_and_register
+    from diffusion.registry.pyfunc import log_and_register
 
     with tracking_store(f"sqlite:///{project / 'mlflow.db'}"):
         mlflow.set_experiment(experiment_id=mlflow.create_experiment(

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 from diffusion import artifacts as art
-from diffusion import stages
+from diffusion.data.shards import val_images
+from diffusion.pipeline import stages
 from diffusion.config import JudgeConfig
-from diffusion.evaluate import SPECKLE_LEVELS, fd_judge, fidelity
-from diffusion.judge import build_judge, load_judge
-from diffusion.report import recommend
+from diffusion.evaluation.evaluate import SPECKLE_LEVELS, fd_judge, fidelity
+from diffusion.evaluation.judge import build_judge, load_judge
+from diffusion.evaluation.report import recommend
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,12 @@ def test_fidelity_counts_background_specks_and_grain_and_real_images_have_none(t
     g = fidelity(np.clip(flat.astype(int) + noise, 0, 255).astype(np.uint8))
     assert g["speckle"] == 0 and 3 < g["grain"] < SPECKLE_LEVELS
     # the built-in images: a flat background around an anti-aliased shape
-    real = art.val_images(tiny_shards, 60)
+    real = val_images(tiny_shards, 60)
     assert fidelity(real) == {"speckle": 0.0, "grain": 0.0}
 
 
 def test_fd_judge_separates_real_from_noisy_images(tiny_params, tiny_judge):
-    from diffusion.shapes import make_sample
+    from diffusion.data.shapes import make_sample
 
     judge, _ = load_judge(tiny_judge)
     real = np.stack([np.asarray(make_sample(tiny_params.dataset, "val", i).image) for i in range(400)])

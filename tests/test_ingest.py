@@ -21,8 +21,8 @@ from PIL import Image
 
 from corpus import encode, good_images, picture, write_folder_corpus, write_tar
 from diffusion.config import DownloadConfig, IngestConfig
-from diffusion.ingest import ingest, split_of, stable_key
-from diffusion.shards import list_shards
+from diffusion.data.ingest import ingest, split_of, stable_key
+from diffusion.artifacts import list_shards
 
 FAST_DL = DownloadConfig(timeout=0.5, retries=1, backoff=0.05, concurrency=8, max_bytes=2_000_000)
 
@@ -269,8 +269,8 @@ def test_completed_rerun_writes_nothing_and_changes_redo_only_what_changed(tmp_p
 KILL_SCRIPT = """
 import sys, time
 from diffusion.config import IngestConfig
-from diffusion.ingest import ingest
-import diffusion.ingest as ing
+from diffusion.data.ingest import ingest
+import diffusion.data.ingest as ing
 slow = ing.process_unit
 def process_unit(spec, unit):   # slow each unit down so the parent can kill mid-run
     time.sleep(0.3)

@@ -79,7 +79,7 @@ def test_params_pick_the_dask_task_runner(tmp_path):
 def test_dask_address_does_not_change_what_a_unit_is(tmp_path):
     """Like workers and task_runner, the address is how units are made, not what they are: a rerun
     on another runner keeps the committed units (incremental), and old outputs stay valid."""
-    from diffusion.ingest import make_spec, settings_fingerprint
+    from diffusion.data.ingest import make_spec, settings_fingerprint
 
     a = folder_params(tmp_path).ingest
     b = folder_params(tmp_path, task_runner="dask", dask_address="tcp://sched:8786", workers=7).ingest

@@ -1,4 +1,4 @@
-"""diffusion.ingest.decode: safe decoding, mode conversion, resizing, caption cleaning.
+"""diffusion.data.ingest.decode: safe decoding, mode conversion, resizing, caption cleaning.
 
 Every input is generated here with Pillow/numpy; images are kept small except the one large JPEG
 that exercises draft mode.
@@ -17,8 +17,8 @@ import pytest
 from PIL import ExifTags, Image, ImageFile, PngImagePlugin
 
 from diffusion.config import IngestConfig
-from diffusion.ingest.core import ProcessedImage, Rejected
-from diffusion.ingest.decode import clean_caption, draft_size, process_image, to_rgb
+from diffusion.data.ingest.core import ProcessedImage, Rejected
+from diffusion.data.ingest.decode import clean_caption, draft_size, process_image, to_rgb
 
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 

@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from diffusion.config import DownloadConfig
-from diffusion.ingest.core import Rejected
-from diffusion.ingest.download import Downloader, opted_out, parse_retry_after, retry_delay
+from diffusion.data.ingest.core import Rejected
+from diffusion.data.ingest.download import Downloader, opted_out, parse_retry_after, retry_delay
 
 TIMEOUT = 0.5  # client timeout in these tests; stalls last longer than this
 STALL = 2.0  # how long a stalling route holds its connection (released early at teardown)

@@ -2,8 +2,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from diffusion.config import JudgeConfig
-from diffusion.judge import build_judge, groups_of, load_judge, predict, score, vocab_of
-from diffusion.shards import iter_samples, list_shards
+from diffusion.evaluation.judge import build_judge, groups_of, load_judge, predict, score, vocab_of
+from diffusion.artifacts import list_shards
+from diffusion.data.shards import iter_samples
 
 
 def test_score_counts_per_attribute_and_all_correct():
@@ -31,7 +32,7 @@ def test_new_wording_and_partial_rows_are_their_own_groups_and_stay_out_of_the_o
 
 
 def test_a_prompt_naming_only_a_colour_is_scored_on_colour_alone():
-    from diffusion.judge import labels_from_metas
+    from diffusion.evaluation.judge import labels_from_metas
 
     vocab = {"shape": ["circle", "square"], "color": ["red", "blue"], "size": ["small", "large"],
              "position": ["left", "right"]}

@@ -1,4 +1,4 @@
-"""The latent path (diffusion.latents): a tiny randomly initialised AutoencoderKL saved to a folder
+"""The latent path (diffusion.data.latents): a tiny randomly initialised AutoencoderKL saved to a folder
 (and as a single file) goes through the same loading code a hub id uses; photos are real JPEGs
 ingested from a folder; shards and latents are real tars."""
 
@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from conftest import tiny_params_dict
 from corpus import encode, picture
 from diffusion import artifacts as art
-from diffusion import stages
+from diffusion.models import store
+from diffusion.registry import bundle
+from diffusion.pipeline import stages
 from diffusion.config import parse_params
 from diffusion.errors import T2IError
 
@@ -74,8 +76,8 @@ def ingested(tmp_path_factory, vae_dir):
 
 
 def test_latents_stage_encodes_every_image_once_and_reruns_only_what_is_missing(ingested, tmp_path, vae_dir):
-    from diffusion.latents import LATENTS_INFO, load_vae
-    from diffusion.shards import iter_samples
+    from diffusion.data.latents import LATENTS_INFO, load_vae
+    from diffusion.data.shards import iter_samples
 
     root, p = ingested
     out = tmp_path / "latents"
@@ -132,7 +134,7 @@ def test_a_failing_shard_keeps_the_finished_ones(ingested, tmp_path):
     is gone the rerun encodes only what is missing."""
     import webdataset as wds
 
-    from diffusion.latents import LATENTS_INFO
+    from diffusion.data.latents import LATENTS_INFO
 
     root, p = ingested
     shards = tmp_path / "shards"
@@ -156,7 +158,7 @@ def test_a_failing_shard_keeps_the_finished_ones(ingested, tmp_path):
 def test_single_file_vae_loads_through_the_same_code(vae_dir, tmp_path):
     from safetensors.torch import save_file
 
-    from diffusion.latents import load_vae, weights_sha256
+    from diffusion.data.latents import load_vae, weights_sha256
 
     folder = load_vae(str(vae_dir))
     single = tmp_path / "vae.safetensors"
@@ -165,7 +167,7 @@ def test_single_file_vae_loads_through_the_same_code(vae_dir, tmp_path):
 
 
 def test_bad_vae_settings_fail_in_one_line(ingested, tmp_path):
-    from diffusion.latents import load_vae
+    from diffusion.data.latents import load_vae
 
     root, p = ingested
     with pytest.raises(T2IError, match=r"latents\.vae: no such file or folder: /nowhere/vae"):
@@ -189,7 +191,7 @@ def test_latents_off_is_a_record_and_pixel_training(ingested, tmp_path):
     off = parse_params({**_as_dict(p), "latents": {**_as_dict(p)["latents"], "vae": None}}, "test")
     info = stages.latents(off, root / "shards", tmp_path / "latents", progress=False)
     assert info["enabled"] is False and not list((tmp_path / "latents").rglob("*.tar"))
-    from diffusion.latents import latent_training_data
+    from diffusion.data.latents import latent_training_data
 
     assert latent_training_data(tmp_path / "latents", root / "shards") is None
 
@@ -215,7 +217,7 @@ def test_train_sample_register_in_latent_space(ingested, tmp_path, vae_dir):
     assert info["steps"] == p.train.steps == 12
     meta = art.model_meta(tmp_path / "model")
     assert meta["latents"]["channels"] == 4 and meta["latents"]["size"] == 8 and meta["image_size"] == IMAGE_SIZE
-    den, _ = art.load_model(tmp_path / "model")
+    den, _ = store.load_model(tmp_path / "model")
     assert den.net.stem.in_channels == 4 * p.train.unet.patch ** 2 and den.codec is not None
     assert set(load_file(str(tmp_path / "model" / "model.safetensors"))) == set(den.net.state_dict())  # no VAE in it
     assert Image.open(tmp_path / "model" / art.TRAIN_GRID).width > 100
@@ -254,15 +256,15 @@ def test_train_sample_register_in_latent_space(ingested, tmp_path, vae_dir):
             shutil.move(str(moved), vae_dir)
     png = Image.open(io.BytesIO(out["image"][0]))
     assert png.size == (IMAGE_SIZE, IMAGE_SIZE)
-    direct = art.load_model(tmp_path / "model")[0]
+    direct = store.load_model(tmp_path / "model")[0]
     from diffusion.config import SampleConfig
-    from diffusion.generate import encode_prompts, generate
-    from diffusion.text import load_text_encoder
+    from diffusion.sampling.generate import encode_prompts, generate
+    from diffusion.data.text import load_text_encoder
 
     e = p.embed
     cond, uncond = encode_prompts(load_text_encoder(e.model, e.pretrained, e.seed, e.layer, "cpu"),
                                   ["a photo of pattern number 1"])
-    settings = SampleConfig(**{k: getattr(p.sample, k) for k in art.BUNDLE_SAMPLER_KEYS})
+    settings = SampleConfig(**{k: getattr(p.sample, k) for k in bundle.BUNDLE_SAMPLER_KEYS})
     same = generate(direct, cond, uncond, [3], IMAGE_SIZE, settings)
     assert np.array_equal(np.asarray(png.convert("RGB")), same[0])
 

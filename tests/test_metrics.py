@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffusion.errors import T2IError
-from diffusion.metrics import (
+from diffusion.evaluation.metrics import (
     INCEPTION_FILE,
     INCEPTION_URL,
     ClipScorer,

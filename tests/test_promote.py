@@ -16,7 +16,7 @@ import yaml
 from conftest import tiny_params_dict
 from diffusion.config import PromoteConfig
 from diffusion.errors import T2IError
-from diffusion.promote import HISTORY_TAG, decide, promote, rollback
+from diffusion.registry.promote import HISTORY_TAG, decide, promote, rollback
 
 NAME = "t2i-shapes"
 
@@ -163,7 +163,7 @@ PROMOTER = textwrap.dedent("""
     from pathlib import Path
     import mlflow
     from diffusion.config import PromoteConfig
-    from diffusion.promote import promote
+    from diffusion.registry.promote import promote
     uri, version, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     # widen the window between reading the champion and moving the alias, as a slow registry would:

@@ -1,4 +1,4 @@
-"""Numerical cross-checks of ``diffusion.schedules`` and ``diffusion.samplers`` against Hugging Face
+"""Numerical cross-checks of ``diffusion.models.schedules`` and ``diffusion.sampling.samplers`` against Hugging Face
 diffusers' schedulers (public scheduler API only; diffusers is a test-only dependency).
 
 Conventions. Our samplers live in the variance-exploding (VE) view x = x0 + sigma * eps; a DDPM
@@ -38,7 +38,7 @@ from diffusers import (
     HeunDiscreteScheduler,
 )
 
-from diffusion.samplers import (
+from diffusion.sampling.samplers import (
     StepInfo,
     sample_ancestral,
     sample_ddpm,
@@ -47,7 +47,7 @@ from diffusion.samplers import (
     sample_euler,
     sample_heun,
 )
-from diffusion.schedules import ddpm_sigmas, linear_betas, sampling_sigmas, sigma_to_t
+from diffusion.models.schedules import ddpm_sigmas, linear_betas, sampling_sigmas, sigma_to_t
 
 T = 1000
 BETAS = linear_betas(T, 1e-4, 0.02)

@@ -1,7 +1,7 @@
 import numpy as np
 
 from diffusion.config import DatasetConfig
-from diffusion.shapes import all_combos, eval_prompts, is_held_out, make_sample, split_combos
+from diffusion.data.shapes import all_combos, eval_prompts, is_held_out, make_sample, split_combos
 
 CFG = DatasetConfig()
 
@@ -34,7 +34,7 @@ def test_held_out_combinations_never_reach_train_but_appear_in_val():
 def test_captions_name_exactly_the_attributes_their_meta_says():
     """Every caption names the attributes listed in its meta (by one of their phrasings) and no
     value of an attribute it leaves out."""
-    from diffusion.captions import TRAIN
+    from diffusion.data.captions import TRAIN
 
     def says(caption: str, attr: str, value: str) -> bool:
         words = {"shape": TRAIN.shape.get(value, (value,)), "color": (value,),
@@ -110,8 +110,8 @@ def test_held_out_wording_never_occurs_among_training_captions(tiny_params, tiny
     """Held-out wording is only for evaluation: no held-out prompt is any training caption (exact
     strings, over every caption in real shards and 20 000 more the generator writes), and every
     held-out frame has a word that no training caption contains."""
-    from diffusion.captions import HELD_OUT, TRAIN
-    from diffusion.text import captions_from_index
+    from diffusion.data.captions import HELD_OUT, TRAIN
+    from diffusion.data.text import captions_from_index
 
     new = {r["prompt"] for r in eval_prompts(tiny_params.dataset, 0, new_wording_per_combo=20)}
     new |= {r["prompt"] for r in eval_prompts(CFG, 0, new_wording_per_combo=4)}
@@ -129,8 +129,8 @@ def test_held_out_wording_never_occurs_among_training_captions(tiny_params, tiny
 
 
 def test_the_sample_grid_shows_every_evaluation_group():
-    from diffusion.judge import groups_of
-    from diffusion.sample import grid_rows
+    from diffusion.evaluation.judge import groups_of
+    from diffusion.evaluation.sample import grid_rows
 
     rows = eval_prompts(CFG, 4, new_wording_per_combo=2, partial_per_combo=1)
     pick = grid_rows(rows, 24)

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 
-from diffusion.shards import ShardWriter, encode_image, iter_samples, list_shards
+from diffusion.artifacts import list_shards
+from diffusion.data.shards import ShardWriter, encode_image, iter_samples
 
 
 def _img(v):
@@ -117,7 +118,7 @@ def _odd_tar(path, fmt):
 def test_reader_groups_members_exactly_as_webdataset(tmp_path):
     import tarfile
 
-    from diffusion.shards import raw_samples
+    from diffusion.data.shards import raw_samples
 
     urls = []
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
@@ -140,7 +141,7 @@ def test_reader_names_the_shard_and_byte_of_what_it_cannot_read(tmp_path):
 
     import pytest
 
-    from diffusion.shards import ShardReadError, raw_samples
+    from diffusion.data.shards import ShardReadError, raw_samples
 
     w = ShardWriter(tmp_path / "train", "shard-000000", max_count=10)
     for i in range(4):
@@ -166,7 +167,7 @@ def test_reader_names_the_shard_and_byte_of_what_it_cannot_read(tmp_path):
 def test_decode_image_gives_pils_rgb_for_every_mode_and_format():
     import io
 
-    from diffusion.shards import decode_image
+    from diffusion.data.shards import decode_image
 
     rng = np.random.default_rng(0)
     rgba = Image.fromarray(rng.integers(0, 256, (9, 7, 4), dtype=np.uint8), "RGBA")

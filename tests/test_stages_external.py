@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from conftest import tiny_params_dict
 from corpus import encode, picture
-from diffusion import stages
+from diffusion.pipeline import stages
 from diffusion.config import parse_params
 
 

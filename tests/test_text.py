@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion.errors import T2IError
-from diffusion.text import EmbeddingTable, embed_captions, fingerprint_id, load_text_encoder, model_config
+from diffusion.data.text import EmbeddingTable, embed_captions, fingerprint_id, load_text_encoder, model_config
 
 MODEL = "ViT-S-32-alt"
 

@@ -8,12 +8,12 @@ from safetensors.torch import load_file
 
 from conftest import assert_same_weights
 from diffusion.config import SampleConfig
-from diffusion.generate import generate, make_grid, table_cond
-from diffusion.shards import list_shards
-from diffusion.text import EmbeddingTable
-from diffusion.artifacts import load_model
-from diffusion.train import train
-from diffusion.train_data import DataPosition, ShardStream
+from diffusion.sampling.generate import generate, make_grid, table_cond
+from diffusion.artifacts import list_shards
+from diffusion.data.text import EmbeddingTable
+from diffusion.models.store import load_model
+from diffusion.training.train import train
+from diffusion.training.train_data import DataPosition, ShardStream
 
 
 class Recorder:
@@ -177,9 +177,9 @@ def test_keeps_the_last_k_checkpoints(tiny_params, tiny_shards, tiny_embeddings,
 def test_gradient_accumulation_is_the_mean_over_micro_batches(tiny_params, tiny_shards, tiny_embeddings):
     """grad_accum 2: the gradient of one optimizer step is that of the mean loss of its two
     micro-batches (each micro-batch's own caption dropout and noise draws, in order)."""
-    from diffusion.distributed import Dist
-    from diffusion.train import TextTable, build_state, micro_loss, train_step
-    from diffusion.train_data import DataSpec, batch_loader
+    from diffusion.training.distributed import Dist
+    from diffusion.training.train import TextTable, build_state, micro_loss, train_step
+    from diffusion.training.train_data import DataSpec, batch_loader
 
     table = EmbeddingTable.load(tiny_embeddings)
     cfg = replace(tiny_params.train, grad_accum=2, grad_clip=1e9, data_workers=0)
@@ -222,8 +222,8 @@ def test_the_transformer_denoiser_trains_exports_and_samples_behind_the_same_con
 def test_unseen_words_extend_kept_captions_with_word_vectors_and_keep_pooled_their_mean():
     import torch.nn.functional as F
 
-    from diffusion.model import Cond
-    from diffusion.train import add_unseen_words
+    from diffusion.models.unet import Cond
+    from diffusion.training.train import add_unseen_words
 
     b, length, d = 64, 5, 32
     g = torch.Generator().manual_seed(0)
@@ -250,9 +250,9 @@ def test_unseen_words_extend_kept_captions_with_word_vectors_and_keep_pooled_the
 
 def test_unseen_words_change_the_loss_on_word_vectors_and_are_off_for_contextual_states(
         tiny_params, tiny_shards, tiny_embeddings):
-    from diffusion.distributed import Dist
-    from diffusion.train import TextTable, build_state, micro_loss
-    from diffusion.train_data import DataSpec, batch_loader
+    from diffusion.training.distributed import Dist
+    from diffusion.training.train import TextTable, build_state, micro_loss
+    from diffusion.training.train_data import DataSpec, batch_loader
 
     table = EmbeddingTable.load(tiny_embeddings)
     assert table.fingerprint["layer"] == "token_embedding"  # the random tower's default

@@ -1,0 +1,236 @@
+"""The raw denoising network F(x_in, c_noise, cond): a lean UNet with cross-attention to text.
+
+It knows nothing about noise levels beyond the scalar ``c_noise`` it is given (the DDPM timestep);
+``diffusion.models.precond.Denoiser`` turns it into a denoiser D(x, sigma, cond).
+
+Design, chosen for speed on small images and CPUs:
+- space-to-depth: the image is folded ``patch x patch`` into channels before the first conv
+  (16x16x3 -> 8x8x12), so every conv runs at a quarter of the pixels; unfolded again at the end;
+- ResBlocks with the timestep (plus the pooled text embedding) as a per-channel scale and shift;
+- at the levels in ``attn_levels``: self-attention over positions and cross-attention to the
+  per-token caption states (with their padding mask), then a small MLP; with ``ctx_dim`` the
+  caption states are projected once, to that width, for every block's keys and values (at 16px
+  those projections were a sixth of the forward FLOPs: 16 tokens x 256 wide, in each of 7 blocks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion.config import UNetConfig
+
+
+@dataclass
+class Cond:
+    """Text conditioning for a batch."""
+
+    tokens: Tensor  # (B, L, D_text) per-token hidden states
+    mask: Tensor  # (B, L) bool, True where a token is real
+    pooled: Tensor  # (B, E) pooled caption embedding
+
+    def padded(self, length: int) -> "Cond":
+        """Pad the token axis to ``length`` with masked-out zeros."""
+        pad = length - self.tokens.shape[1]
+        if pad <= 0:
+            return self
+        return Cond(F.pad(self.tokens, (0, 0, 0, pad)), F.pad(self.mask, (0, pad)), self.pooled)
+
+    def cat(self, other: "Cond") -> "Cond":
+        """Stack two batches along the batch axis (token axes padded to the longer one)."""
+        n = max(self.tokens.shape[1], other.tokens.shape[1])
+        a, b = self.padded(n), other.padded(n)
+        return Cond(torch.cat([a.tokens, b.tokens]), torch.cat([a.mask, b.mask]), torch.cat([a.pooled, b.pooled]))
+
+    def select(self, rows) -> "Cond":
+        """The rows ``rows`` (a slice or an index tensor) of the batch."""
+        return Cond(self.tokens[rows], self.mask[rows], self.pooled[rows])
+
+    def expand(self, n: int) -> "Cond":
+        """A one-row batch repeated ``n`` times (a view, no copy)."""
+        return Cond(self.tokens.expand(n, -1, -1), self.mask.expand(n, -1), self.pooled.expand(n, -1))
+
+    def to(self, device, dtype=None) -> "Cond":
+        return Cond(self.tokens.to(device, dtype), self.mask.to(device), self.pooled.to(device, dtype))
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def group_norm(ch: int) -> nn.GroupNorm:
+    """GroupNorm with gcd(32, ch) groups, or, where that would leave fewer than 3 channels a group
+    (32 or 64 channels), the most groups that leave at least 3."""
+    groups = math.gcd(32, ch)
+    if ch // groups < 3:
+        groups = max(g for g in range(1, ch // 3 + 1) if ch % g == 0)
+    return nn.GroupNorm(groups, ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = group_norm(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)  # -> scale, shift
+        self.norm2 = group_norm(c_out)
+        self.drop = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention from x (B, N, C) to ctx (B, M, C_ctx); self-attention when ctx is x."""
+
+    def __init__(self, dim: int, ctx_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(ctx_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
+        b, n, c = x.shape
+        q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
+        k, v = self.kv(ctx).view(b, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, M, d) each
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M): True = attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.out(y.transpose(1, 2).reshape(b, n, c))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention over positions, cross-attention to the caption tokens, MLP."""
+
+    def __init__(self, dim: int, ctx_dim: int, heads: int):
+        super().__init__()
+        self.norm_in = group_norm(dim)
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, dim, heads)
+        self.cross_attn = Attention(dim, ctx_dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x: Tensor, cond: Cond) -> Tensor:
+        b, c, h, w = x.shape
+        t = self.norm_in(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        t_norm = self.ln1(t)
+        t = t + self.self_attn(t_norm, t_norm)
+        t = t + self.cross_attn(self.ln2(t), cond.tokens, cond.mask)
+        t = t + self.mlp(self.ln3(t))
+        return x + t.transpose(1, 2).reshape(b, c, h, w)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig, text_dim: int, pooled_dim: int, in_channels: int = 3):
+        super().__init__()
+        self.cfg = cfg
+        p = cfg.patch
+        widths = [cfg.channels * m for m in cfg.channel_mult]
+        emb_dim = 4 * cfg.channels
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_proj = nn.Linear(pooled_dim, emb_dim)
+        self.ctx_norm = nn.LayerNorm(text_dim)
+        # one projection of the caption tokens for every block (cfg.ctx_dim), or none
+        self.ctx_proj = nn.Linear(text_dim, cfg.ctx_dim) if cfg.ctx_dim else nn.Identity()
+        text_dim = cfg.ctx_dim or text_dim
+        self.stem = nn.Conv2d(in_channels * p * p, widths[0], 3, padding=1)
+
+        def level_blocks(c_in: int, c_out: int, level: int) -> nn.ModuleList:
+            mods = nn.ModuleList([ResBlock(c_in, c_out, emb_dim, cfg.dropout)])
+            if level in cfg.attn_levels:
+                mods.append(TransformerBlock(c_out, text_dim, cfg.heads))
+            return mods
+
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        # the skips of each level: what enters it (the stem's or the downsample's output), then the
+        # output of each of its blocks; the way up takes the last cfg.blocks_up of them
+        skips: list[list[int]] = []
+        c = widths[0]
+        for lvl, w in enumerate(widths):
+            skips.append([c])
+            for _ in range(cfg.blocks_per_level):
+                self.down.append(level_blocks(c, w, lvl))
+                c = w
+                skips[-1].append(c)
+            if lvl < len(widths) - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout), TransformerBlock(c, text_dim, cfg.heads),
+                                  ResBlock(c, c, emb_dim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for lvl in reversed(range(len(widths))):
+            for _ in range(self.cfg.blocks_up):
+                self.up.append(level_blocks(c + skips[lvl].pop(), widths[lvl], lvl))
+                c = widths[lvl]
+            if lvl > 0:  # conv_nearest: the conv also narrows to the next level's width
+                c_up = widths[lvl - 1] if cfg.upsample == "conv_nearest" else c
+                self.upsample.append(nn.Conv2d(c, c_up, 3, padding=1))
+                c = c_up
+        self.levels = len(widths)
+        self.out_norm = group_norm(c)
+        self.out = nn.Conv2d(c, in_channels * p * p, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: Tensor, c_noise: Tensor, cond: Cond) -> Tensor:
+        """x: (B, C, H, W); c_noise: (B,) timesteps; returns (B, C, H, W)."""
+        cond = Cond(self.ctx_proj(self.ctx_norm(cond.tokens)), cond.mask, cond.pooled)
+        emb = self.time_mlp(timestep_embedding(c_noise, self.cfg.channels)) + self.pooled_proj(cond.pooled)
+        h = self.stem(F.pixel_unshuffle(x, self.cfg.patch))  # (B, C*p*p, H/p, W/p) -> widths[0]
+        hs: list[list[Tensor]] = []
+        blocks = iter(self.down)
+        for lvl in range(self.levels):
+            hs.append([h])
+            for _ in range(self.cfg.blocks_per_level):
+                h = self._run(next(blocks), h, emb, cond)
+                hs[-1].append(h)
+            if lvl < self.levels - 1:
+                h = self.downsample[lvl](h)
+        h = self.mid[0](h, emb)
+        h = self.mid[1](h, cond)
+        h = self.mid[2](h, emb)
+        blocks = iter(self.up)
+        for i, lvl in enumerate(reversed(range(self.levels))):
+            for _ in range(self.cfg.blocks_up):
+                h = self._run(next(blocks), torch.cat([h, hs[lvl].pop()], dim=1), emb, cond)
+            if lvl > 0:
+                h = self._upsample(self.upsample[i], h)
+        h = self.out(F.silu(self.out_norm(h)))
+        return F.pixel_shuffle(h, self.cfg.patch)  # back to (B, C, H, W)
+
+    def _upsample(self, conv: nn.Conv2d, h: Tensor) -> Tensor:
+        if self.cfg.upsample == "conv_nearest":
+            return F.interpolate(conv(h), scale_factor=2.0, mode="nearest")
+        return conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+
+    @staticmethod
+    def _run(mods: nn.ModuleList, h: Tensor, emb: Tensor, cond: Cond) -> Tensor:
+        h = mods[0](h, emb)
+        if len(mods) > 1:
+            h = mods[1](h, cond)
+        return h
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,301 @@
+"""One function per pipeline stage: check the inputs, call the library, write the outputs.
+
+These are what the Prefect flows (``flows/stages.py``) wrap and what ``dvc.yaml`` runs through the
+``t2i`` CLI; they take the typed ``Params`` and explicit paths, import no Prefect, and also run in
+a notebook. Each checks its inputs first and raises one-line ``T2IError``s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from diffusion import artifacts as art
+from diffusion.config import Params, flatten, to_dict
+from diffusion.errors import MissingInputError
+
+TRAIN_GRID_SIZE = 24  # captions in the sample grid logged at the end of training
+
+
+def ingest(p: Params, out_dir: str | Path, submit=None) -> dict:
+    """``submit(spec, unit) -> future`` runs work units (a Prefect task runner in the flow)."""
+    from diffusion.data.ingest import ingest as run
+
+    return run(p.ingest, p.dataset, out_dir, submit)
+
+
+def latents(p: Params, shards_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
+    """Encode every image once with the autoencoder of ``latents.vae`` (off while it is null)."""
+    from diffusion.data.latents import encode_shards
+
+    return encode_shards(p.latents, shards_dir, out_dir, progress=progress)
+
+
+def embed(p: Params, shards_dir: str | Path, out_dir: str | Path) -> dict:
+    from diffusion.data.text import captions_from_index, embed_captions, load_text_encoder
+
+    captions = captions_from_index(shards_dir)
+    e = p.embed
+    encoder = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, e.device)
+    table = embed_captions(encoder, captions, e.batch_size)
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    table.save(out_dir)
+    return {"captions": len(table.rows), "tokens": list(table.tokens.shape), "fingerprint": table.fingerprint}
+
+
+def judge(p: Params, shards_dir: str | Path, out_dir: str | Path, metrics_file: str | Path) -> dict | None:
+    """Train the attribute judge (built-in set only; other data gets a "not applicable" record)."""
+    from diffusion.evaluation.judge import build_judge, save_not_applicable
+
+    if p.ingest.source != "builtin":
+        save_not_applicable(out_dir, f"the judge reads the built-in dataset's attributes; source is {p.ingest.source}")
+        metrics = None
+    else:
+        metrics = build_judge(p.dataset, p.judge, art.shard_urls(shards_dir, "val"), out_dir)
+    art.write_json(metrics_file, {"judge": metrics})
+    return metrics
+
+
+def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path,
+          progress: bool = True, latents_dir: str | Path | None = None) -> dict:
+    """Train on the image shards, or on their latents where the latents stage wrote them
+    (``latents_dir`` with latents.vae set)."""
+    import mlflow
+
+    from diffusion.registry import tracking
+    from diffusion.config import SampleConfig
+    from diffusion.sampling.generate import generate, make_grid, table_cond
+    from diffusion.data.latents import codec_for, latent_training_data, load_vae
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.training.train import train as train_loop
+
+    image_size = art.square_image_size(shards_dir)
+    found = latent_training_data(latents_dir, shards_dir)
+    if p.latents.vae and found is None:
+        raise MissingInputError(f"latents.vae is set but {latents_dir or '(no --latents folder)'} holds no latents: "
+                                "run the latents stage first")
+    urls, latent = found if found else (art.shard_urls(shards_dir, "train"), None)
+    table = EmbeddingTable.load(art.require(embeddings_dir, "embeddings", "embed"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # the grid shows a fixed spread of captions the table holds (val captions included), sampled
+    # with default settings: the sample section is the sample stage's, not train's
+    captions = sorted(c for c in table.rows if c)
+    grid_captions = captions[:: max(1, len(captions) // TRAIN_GRID_SIZE)][:TRAIN_GRID_SIZE]
+
+    codecs = []  # the VAE, loaded once for every grid of the run
+
+    def grid_fn(denoiser, step):
+        """The grid of the same captions and seeds at every call (train.sample_every, and the end)."""
+        if latent is not None:  # decode through the VAE the latents came from
+            if not codecs:
+                vae = load_vae(latent.vae, subfolder=latent.vae_subfolder, config=latent.vae_config)
+                codecs.append(codec_for(vae, {"latents": latent.as_dict()}, next(denoiser.net.parameters()).device,
+                                        p.latents))
+            denoiser.codec = codecs[0]
+        try:
+            cond, uncond = table_cond(table, grid_captions)
+            images = generate(denoiser, cond, uncond, list(range(len(grid_captions))), image_size, SampleConfig())
+        finally:
+            denoiser.codec = None  # the EMA being trained must not carry the VAE's weights
+        grid = make_grid(images, grid_captions)
+        if step >= p.train.steps:
+            grid.save(out / art.TRAIN_GRID)
+        return grid
+
+    from diffusion.training import distributed
+
+    rank = distributed.launched_rank()
+    if rank:  # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
+        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False)
+        return {"rank": rank}
+    tracking.setup(p.mlflow)
+    uri = tracking.tracking_uri(p.mlflow)
+    with mlflow.start_run(run_name=f"train-{p.train.steps}steps") as run:
+        art.write_run_file(out, run.info.run_id, run.info.experiment_id, uri)
+        mlflow.log_params({f"train.{k}": v for k, v in flatten(to_dict(p.train)).items()})
+        if latent is not None:
+            mlflow.log_params({f"latents.{k}": v for k, v in latent.as_dict().items()})
+        mlflow.log_params({"image_size": image_size, "source": p.ingest.source,
+                           "embed.model": p.embed.model, "embed.pretrained": str(p.embed.pretrained),
+                           "embed.layer": table.fingerprint["layer"]})
+        mlflow.set_tags({"text_fingerprint": table.fingerprint["weights"], "stage": "train"})
+        logger = tracking.MlflowLogger()
+        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, logger=logger, grid_fn=grid_fn,
+                   progress=progress)
+        curve = logger.loss_curve()
+        art.write_loss_history(out, logger.history.get("loss", []))
+        if curve is not None:
+            curve.save(out / art.LOSS_CURVE)
+            mlflow.log_image(curve, art.LOSS_CURVE)
+    meta = art.model_meta(out)
+    return {"run_id": run.info.run_id, "steps": meta["steps_done"], "train_img_per_s": meta["train_img_per_s"],
+            "train_seconds": meta["train_seconds"], "device": meta["device"]}
+
+
+def _encoder_for(p: Params, meta: dict):
+    from diffusion.sampling.generate import check_fingerprint
+    from diffusion.data.text import load_text_encoder
+
+    e = p.embed
+    encoder = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, p.sample.device)
+    check_fingerprint(encoder, meta)
+    return encoder
+
+
+def sample(p: Params, shards_dir: str | Path, model_dir: str | Path, out_dir: str | Path,
+           progress: bool = True) -> dict:
+    import mlflow
+
+    from diffusion.registry import tracking
+    from diffusion.data.text import pick_device
+    from diffusion.evaluation.sample import eval_rows, sample_eval_set
+    from diffusion.models import store
+
+    denoiser, meta = store.load_model(model_dir, pick_device(p.sample.device), p.latents)
+    encoder = _encoder_for(p, meta)
+    builtin = p.ingest.source == "builtin"
+    captions = [] if builtin else art.split_captions(shards_dir, "val")
+    rows = eval_rows(p.dataset if builtin else None, p.sample, captions)
+    out = sample_eval_set(denoiser, meta, encoder, rows, p.sample, out_dir, progress=progress)
+    run = art.read_run_file(model_dir)
+    if run:
+        tracking.setup(p.mlflow)
+        with mlflow.start_run(run_id=run["run_id"]):
+            # tags, not params: a rerun with other sampler settings (dvc repro after a `sample` change)
+            # logs to the same training run, and MLflow refuses to change a logged param
+            mlflow.set_tags({f"sample.{k}": str(v) for k, v in to_dict(p.sample).items()})
+            mlflow.log_artifact(str(out / art.GRID), "samples")
+    return {"images": len(list((out / art.IMAGES).glob("*.png"))), "grid": str(out / art.GRID)}
+
+
+def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_dir: str | Path,
+             metrics_file: str | Path, shards_dir: str | Path | None = None,
+             report_file: str | Path | None = None) -> dict:
+    """Score the sample stage's images (``diffusion.evaluation.evaluate``): against real validation images
+    from ``shards_dir`` where given; the readable page goes to ``report_file``."""
+    import mlflow
+
+    from diffusion.registry import tracking
+    from diffusion.data.shards import val_images
+    from diffusion.evaluation.evaluate import evaluate_samples
+    from diffusion.evaluation.report import evaluation_page
+
+    real = (lambda n: val_images(shards_dir, n)) if shards_dir else None
+    metrics = evaluate_samples(samples_dir, art.require(judge_dir, "judge", "judge"), real, p.evaluate,
+                               art.val_identity(shards_dir) if shards_dir else None)
+    art.write_json(metrics_file, metrics)
+    grid = Path(samples_dir) / art.GRID
+    if report_file:
+        evaluation_page(metrics, report_file, grid, Path(report_file).parent / art.SWEEP_DIR / art.SWEEP_PAGE)
+    run = art.read_run_file(model_dir)
+    if run:
+        tracking.setup(p.mlflow)
+        with mlflow.start_run(run_id=run["run_id"]):
+            mlflow.log_metrics(tracking.evaluation_metrics(metrics))
+            mlflow.log_dict(metrics, "metrics.json")
+            if report_file:
+                mlflow.log_artifact(str(report_file), "evaluation")
+    return metrics
+
+
+def sweep(p: Params, shards_dir: str | Path, model_dir: str | Path, judge_dir: str | Path,
+          out_dir: str | Path, progress: bool = True) -> dict:
+    """The quality-vs-cost map (``diffusion.evaluation.sweep``): the built-in set draws ``sweep.per_combo``
+    images of every combination per point; other data ``sweep.n_prompts`` validation captions."""
+    import mlflow
+
+    from diffusion.registry import tracking
+    from diffusion.evaluation.judge import load_judge
+    from diffusion.evaluation.report import recommend
+    from diffusion.evaluation.sample import eval_rows
+    from diffusion.evaluation.sweep import run_points, sweep_settings, write_sweep
+    from diffusion.data.shards import val_images
+    from diffusion.data.text import pick_device
+    from diffusion.models import store
+
+    denoiser, meta = store.load_model(model_dir, pick_device(p.sample.device), p.latents)
+    encoder = _encoder_for(p, meta)
+    judge, info = load_judge(art.require(judge_dir, "judge", "judge"))
+    builtin = p.ingest.source == "builtin"
+    w = p.sweep
+    rows = eval_rows(p.dataset if builtin else None,
+                     replace(p.sample, per_combo=w.per_combo, new_wording_per_combo=0, partial_per_combo=0, n_prompts=w.n_prompts),
+                     [] if builtin else art.split_captions(shards_dir, "val"))
+    seeds = [w.seed + i for i in range(len(rows))]
+    real = val_images(shards_dir, p.evaluate.real_images)
+    points, guidance = sweep_settings(w, p.sample)
+    args = (denoiser, encoder, meta["image_size"], rows, seeds, judge, info, real, progress)
+    point_records, guidance_records = run_points(points, *args), run_points(guidance, *args)
+    page = write_sweep(point_records, guidance_records, out_dir)
+    run = art.read_run_file(model_dir)
+    if run:
+        tracking.setup(p.mlflow)
+        with mlflow.start_run(run_id=run["run_id"]):
+            for r in point_records:  # one metric per sampler, its step count on MLflow's step axis
+                for key in ("fd_judge", "all", "speckle", "seconds_per_image"):
+                    if r[key] == r[key]:
+                        mlflow.log_metric(f"sweep.{r['sampler']}.{r['spacing']}.{key}", r[key], step=r["steps"])
+            for r in guidance_records:
+                for key in ("fd_judge", "all", "speckle"):
+                    if r[key] == r[key]:
+                        mlflow.log_metric(f"sweep.guidance.{key}", r[key], step=int(round(r["guidance_scale"] * 10)))
+            mlflow.log_artifacts(str(out_dir), "sweep")
+    return {"points": len(point_records), "guidance": len(guidance_records), "page": str(page),
+            "recommended": recommend(point_records)}
+
+
+def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_file: str | Path,
+             project_dir: str | Path = ".") -> dict:
+    """Register a new version, tagged with its metrics, its evaluation fingerprint and its lineage
+    (git commit, the data it was trained on from ``project_dir``/dvc.lock, the params hash)."""
+    from diffusion.registry import lineage, tracking
+    from diffusion.data.latents import vae_for_model
+    from diffusion.registry.pyfunc import log_and_register
+
+    meta = art.model_meta(model_dir)
+    metrics = art.read_metrics(metrics_file)
+    encoder = _encoder_for(p, meta)
+    vae = vae_for_model(meta, p.latents)  # a latent model's autoencoder travels with it
+    tracking.setup(p.mlflow)
+    run = art.read_run_file(model_dir)
+    flat = tracking.evaluation_metrics(metrics)
+    keep = {k: v for k, v in flat.items() if k.endswith((".all", ".shape", ".color", ".size", ".position"))
+            or k in ("fd_judge.generated", "fidelity.generated.speckle", "image.fid", "image.clip_score")}
+    evaluation = metrics.get("fingerprint") or {}
+    tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"))
+    info = log_and_register(model_dir, encoder, p.sample, keep, p.register.model_name,
+                            run.get("run_id"), evaluation=evaluation, lineage=tags, vae=vae)
+    info["tracking_uri"] = tracking.tracking_uri(p.mlflow)
+    art.write_json(out_file, info)
+    return info
+
+
+def promote(p: Params, registered_file: str | Path | None, out_file: str | Path | None,
+            version: int | None = None, model_name: str | None = None) -> dict:
+    """Apply the promotion policy (params ``promote``) to a version: the one the register stage
+    recorded in ``registered_file``, else ``version``, else the newest. With ``promote.auto`` off
+    and a registered file (the pipeline), records that it skipped."""
+    import mlflow
+
+    from diffusion.registry import tracking
+    from diffusion.registry.promote import promote as run_policy
+
+    name = model_name or p.register.model_name
+    if registered_file is not None:
+        reg = art.read_registered(registered_file)
+        name, version = reg["name"], reg["version"]
+        if not p.promote.auto:
+            result = {"outcome": "skipped", "reason": "promote.auto is false", "model": name, "candidate": version}
+            if out_file is not None:
+                art.write_json(out_file, result)
+            return result
+    tracking.setup(p.mlflow)
+    decision = run_policy(mlflow.MlflowClient(), tracking.tracking_uri(p.mlflow), name, p.promote, version)
+    result = decision.as_dict()
+    if out_file is not None:
+        art.write_json(out_file, result)
+    return result

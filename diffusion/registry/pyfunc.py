@@ -1,0 +1,200 @@
+"""The MLflow model: prompts in, images out; logged as a pyfunc and registered as a new version.
+
+The logged model is self-contained (``artifacts.write_bundle``): the EMA denoiser weights and
+config, the text tower's weights (so a seeded random default needs no regeneration), the sampler
+settings, the evaluation it was registered with, and this package's code.
+``mlflow.pyfunc.load_model("models:/t2i-shapes@champion").predict(pd.DataFrame({"prompt": [...]}))``
+returns one row per prompt with the PNG bytes of the image; ``mlflow models serve`` answers the
+same rows as JSON, the image base64-encoded.
+
+This module also resolves what users type (``models:/name@alias``, ``models:/name/3``, ``name``)
+into a registry version, with one-line errors for the usual mistakes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from PIL import Image
+
+from diffusion.registry.bundle import load_bundle, write_bundle
+from diffusion.config import SampleConfig, sampler_problems
+from diffusion.errors import T2IError
+from diffusion.sampling.generate import encode_prompts, generate
+from diffusion.registry.lineage import EVAL_TAG
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole diffusion package goes into the bundle
+OVERRIDABLE = ("guidance_scale", "steps", "sampler", "spacing", "eta")
+
+
+class T2IModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: DataFrame(prompt[, seed, negative_prompt]) -> DataFrame(prompt, seed, image).
+
+    ``params`` (guidance_scale, steps, sampler, spacing, eta) override the registered sampler settings.
+    """
+
+    def load_context(self, context) -> None:
+        self.denoiser, self.meta, self.encoder, self.settings = load_bundle(context.artifacts)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        if "prompt" not in model_input:
+            raise T2IError("the model input needs a 'prompt' column")
+        prompts = [str(p) for p in model_input["prompt"]]
+        seeds = [int(s) for s in model_input["seed"]] if "seed" in model_input else list(range(len(prompts)))
+        negatives = ([("" if n is None or n != n else str(n)) for n in model_input["negative_prompt"]]
+                     if "negative_prompt" in model_input else None)
+        settings = self._settings(params)
+        cond, uncond = encode_prompts(self.encoder, prompts, negatives=negatives)
+        images = generate(self.denoiser, cond, uncond, seeds, self.meta["image_size"], settings)
+        return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": [png_bytes(img) for img in images]})
+
+    def _settings(self, params: dict | None) -> SampleConfig:
+        """The registered sampler settings with ``params`` applied; a bad value is an
+        INVALID_PARAMETER_VALUE error (HTTP 400 with this message when served), not a silent
+        fallback (an unknown sampler would otherwise sample as DDIM) or a bare stack trace."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        overrides = {k: v for k, v in (params or {}).items() if k in OVERRIDABLE and v is not None}
+        if not overrides:
+            return self.settings
+        s = replace(self.settings, **overrides)
+        problems = sampler_problems(s, len(self.denoiser.sigmas))
+        if problems:
+            raise MlflowException("bad params: " + "; ".join(problems), error_code=INVALID_PARAMETER_VALUE)
+        return s
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def log_and_register(model_dir: str | Path, encoder, settings: SampleConfig, metrics: dict[str, float],
+                     model_name: str, run_id: str | None = None, *, evaluation: dict | None = None,
+                     lineage: dict[str, str] | None = None, vae=None) -> dict:
+    """Log the pyfunc model to ``run_id`` (or a new run) and register it as a new version of
+    ``model_name``, tagged with ``metrics`` and ``lineage``; a latent model's ``vae`` goes into the
+    bundle. Returns {name, version, uri, run_id}."""
+    evaluation = evaluation or {}
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = write_bundle(tmp, model_dir, encoder, settings, {"fingerprint": evaluation, "metrics": metrics},
+                                 vae=vae)
+        signature = model_signature(settings)
+        with mlflow.start_run(run_id=run_id) as run:
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=T2IModel(), artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
+                signature=signature, pip_requirements=_requirements(vae is not None), input_example=None,
+            )
+            mlflow.log_metrics(metrics)
+            run_id = run.info.run_id
+    tags = {k: f"{v:.4f}" for k, v in metrics.items()}
+    tags.update(lineage or {})
+    if evaluation.get("id"):
+        tags[EVAL_TAG] = evaluation["id"]
+    version = mlflow.register_model(info.model_uri, model_name, tags=tags)
+    client = mlflow.MlflowClient()
+    client.update_model_version(model_name, version.version, description=(
+        f"text-to-image denoiser, {metrics.get('adherence.seen.all', float('nan')):.1%} all-correct on seen "
+        f"combinations, {metrics.get('adherence.held_out.all', float('nan')):.1%} on held-out ones"))
+    return {"name": model_name, "version": int(version.version), "uri": f"models:/{model_name}/{version.version}",
+            "run_id": run_id}
+
+
+def model_signature(settings: SampleConfig):
+    """prompt (required), seed and negative_prompt (optional) in; prompt, seed, PNG bytes out.
+
+    Written out rather than inferred from an example: an inferred schema makes every example
+    column required and drops (with only a server-log warning) any column it has not seen, so a
+    served ``negative_prompt`` would be silently ignored. The params' defaults are the registered
+    sampler settings (an override equal to them changes nothing)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed", required=False),
+                       ColSpec("string", "negative_prompt", required=False)]),
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("long", "seed"), ColSpec("binary", "image")]),
+        params=ParamSchema([ParamSpec("guidance_scale", "double", float(settings.guidance_scale)),
+                            ParamSpec("steps", "long", int(settings.steps)),
+                            ParamSpec("sampler", "string", str(settings.sampler)),
+                            ParamSpec("spacing", "string", str(settings.spacing)),
+                            # null: the sampler's own default (so overriding the sampler alone works)
+                            ParamSpec("eta", "double", settings.eta)]),
+    )
+
+
+def _requirements(latent: bool = False) -> list[str]:
+    from importlib.metadata import version
+
+    pkgs = ["torch", "open_clip_torch", "safetensors", "pandas", "pillow", "numpy", "pyarrow", "tqdm", "webdataset",
+            "mlflow", "pyyaml"]
+    if latent:
+        pkgs.append("diffusers")
+    return [f"{pkg}=={version(pkg)}" for pkg in pkgs]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving what the user typed
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str | None = None  # a number
+    alias: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+
+
+def parse_model_uri(uri: str, default_alias: str = "champion") -> ModelRef:
+    """``models:/name@alias``, ``models:/name/3``, ``models:/name`` (the default alias), ``name@alias``."""
+    body = uri.removeprefix("models:/").strip("/")
+    m = re.fullmatch(r"([^/@]+)(?:@([\w-]+)|/(\d+))?", body)
+    if not m:
+        raise T2IError(f"not a model URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
+    name, alias, version = m.groups()
+    return ModelRef(name, version, alias if alias or version else default_alias)
+
+
+def resolve_version(ref: ModelRef, client=None):
+    """The registry's ModelVersion for ``ref``; one-line errors for an unknown name, version or alias."""
+    from mlflow.exceptions import MlflowException
+
+    client = client or mlflow.MlflowClient()
+    model = registered_model(client, ref.name)
+    if ref.alias:
+        if ref.alias not in (model.aliases or {}):
+            have = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "no aliases"
+            hint = " (promote a version first: t2i promote)" if ref.alias == "champion" else ""
+            raise T2IError(f"model {ref.name!r} has no @{ref.alias} yet ({have}){hint}")
+        return client.get_model_version(ref.name, model.aliases[ref.alias])
+    try:
+        return client.get_model_version(ref.name, ref.version)
+    except MlflowException:
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{ref.name}'"))
+        raise T2IError(f"model {ref.name!r} has no version {ref.version} "
+                       f"(versions: {', '.join(map(str, versions)) or 'none'})") from None
+
+
+def registered_model(client, name: str):
+    """The registry's RegisteredModel ``name``; one line naming the ones there are if it is unknown."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException:
+        known = sorted(m.name for m in client.search_registered_models())
+        raise T2IError(f"no registered model named {name!r} in {client.tracking_uri} "
+                       f"(registered: {', '.join(known) or 'none'}; run the pipeline first)") from None

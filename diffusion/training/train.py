@@ -1,0 +1,522 @@
+"""Training: stream shards, join captions to their precomputed embeddings, train the denoiser.
+
+``train(...)`` runs the loop from named pieces: ``build_state`` (model, EMA, optimizer, schedule,
+precision), ``resume`` (the newest checkpoint written with the same settings), ``train_step``
+(gradient accumulation, clipping, the optimizer, EMA), a ``Monitor`` (loss, throughput and the
+non-finite guard, all kept on the device and read only at logging intervals: no host-device sync
+per step), ``save_checkpoint`` (the last ``keep_checkpoints``, each written atomically) and
+``export`` (the EMA weights as ``model.safetensors`` plus ``model.json``, all that sampling needs).
+It reports through a ``TrainLogger`` (MLflow is wired in from outside) and never loads the text
+encoder; loading a model for inference goes through ``diffusion.artifacts`` and never imports
+this module.
+
+Under torchrun every process trains on its own part of the shards (``diffusion.training.train_data``)
+with DistributedDataParallel; rank 0 alone logs, writes checkpoints and exports, and every rank
+resumes from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffusion.training import distributed
+from diffusion.artifacts import CHECKPOINT
+from diffusion.models.store import build_denoiser, save_model
+from diffusion.config import TrainConfig, check_fits, to_dict
+from diffusion.training.distributed import Dist
+from diffusion.errors import ConfigError, T2IError
+from diffusion.data.latents import LatentSpec
+from diffusion.models.loss import diffusion_loss
+from diffusion.models.unet import Cond, count_params
+from diffusion.models.precond import Denoiser
+from diffusion.data.text import WORD_VECTORS, EmbeddingTable, fingerprint_id, pick_device
+from diffusion.training.train_data import Batch, DataPosition, DataSpec, batch_loader
+
+
+class TrainLogger(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_image(self, image: Image.Image, name: str) -> None: ...
+
+
+class NullLogger:
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_image(self, image: Image.Image, name: str) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Code identity and the schedule
+
+PREVIEW_DIR = "train_samples"  # the MLflow artifact folder of train.sample_every's grids
+
+CODE_FILES = ("training/train.py", "training/train_data.py", "models/unet.py", "models/dit.py", "models/precond.py",
+              "models/loss.py", "models/schedules.py")
+
+
+def code_fingerprint() -> str:
+    """Hash of the modules that define the model and its training: a checkpoint written by other
+    code is not resumed."""
+    import hashlib
+
+    here = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for name in CODE_FILES:
+        if (here / name).is_file():
+            h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    # 1) linear warmup from 0
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    # 2) cosine decay to zero over the remaining steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_p = list(ema.parameters())
+    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+# --------------------------------------------------------------------------------------------
+# State
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``train.precision`` asks for (None: float32). auto: bf16 on CUDA."""
+    if cfg.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+def adamw_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
+    """The AdamW settings of the loop: the fused kernel, on CUDA and on the CPU (there one step of
+    the default UNet's 286 tensors takes 7 ms fused against 30 ms in PyTorch's per-tensor loop,
+    about a tenth of a training step; ``bench/train_bench.py`` times both)."""
+    return {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": (0.9, 0.99),
+            **({"fused": True} if device.type in ("cuda", "cpu") else {})}
+
+
+@dataclass
+class TrainState:
+    cfg: TrainConfig
+    device: torch.device
+    dist: Dist
+    model: Denoiser  # the module whose weights are saved
+    forward: Callable  # what the loss calls: the model, wrapped by DDP and/or torch.compile
+    ema: Denoiser
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    amp_dtype: torch.dtype | None
+    gen: torch.Generator  # caption dropout and noise draws (on the CPU)
+    meta: dict
+    step: int = 0
+    positions: list[DataPosition] = field(default_factory=list)  # one per data worker
+    checkpoint_step: int | None = None  # the step checkpoint.pt holds, when this run wrote or resumed it
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def build_state(cfg: TrainConfig, table: EmbeddingTable, image_size: int, latent: LatentSpec | None,
+                device: torch.device, d: Dist) -> TrainState:
+    """A fresh model, EMA, optimizer and schedule on ``device`` (the same initial weights on every rank)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    text_dim, pooled_dim = table.tokens.shape[-1], table.pooled.shape[-1]
+    try:
+        if latent is None:
+            check_fits(cfg, image_size, "image size")
+        else:
+            check_fits(cfg, latent.size, f"latent size ({image_size}px / {image_size // latent.size})")
+    except ConfigError as e:
+        raise ConfigError(f"train.{cfg.denoiser} does not fit the data: {e}") from None
+    channels = 3 if latent is None else latent.channels
+    cuda = device.type == "cuda"
+    if cuda:  # both ways: train.tf32 false turns off cuDNN's TF32 too (on by default in PyTorch)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    model = build_denoiser(cfg, text_dim, pooled_dim, in_channels=channels).to(device)
+    if cuda and cfg.channels_last and cfg.denoiser == "unet":
+        model = model.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), **adamw_kwargs(cfg, device))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    forward: Callable = model
+    if d.active:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # every rank draws its own caption dropout and noise; rank 0 keeps the single-process stream
+    gen = torch.Generator().manual_seed(cfg.seed + 1_000_003 * d.rank)
+    meta = {"train": to_dict(cfg), "code": code_fingerprint(), "text_dim": text_dim, "pooled_dim": pooled_dim,
+            "image_size": image_size, "text_fingerprint": table.fingerprint,
+            "text_fingerprint_id": fingerprint_id(table.fingerprint)}
+    if latent is not None:
+        meta["latents"] = latent.as_dict()
+    if d.active:
+        meta["world"] = d.world
+    return TrainState(cfg, device, d, model, forward, ema, opt, sched, scaler, amp_dtype, gen, meta,
+                      positions=[DataPosition() for _ in range(max(1, cfg.data_workers))])
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(), "batch": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.random.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    gen.set_state(state["batch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def older_checkpoints(out: Path) -> list[Path]:
+    """The kept checkpoints before the newest, oldest first."""
+    return sorted(out.glob("checkpoint-*.pt"))
+
+
+# train keys that change what is logged or kept, not the weights: a run resumes across them
+_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
+
+
+def _trajectory(meta: dict) -> dict:
+    """``meta`` without the bookkeeping keys: what a checkpoint must match to be resumed."""
+    return {**meta, "train": {k: v for k, v in meta["train"].items() if k not in _BOOKKEEPING}}
+
+
+def resume(state: TrainState, out: Path) -> None:
+    """Continue from ``out``/checkpoint.pt when it was written with the same settings and code
+    (every rank reads the same file and takes its own data positions and random streams)."""
+    path = out / CHECKPOINT
+    if not path.is_file():
+        return
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["step"] >= state.cfg.steps:
+        if state.dist.main:
+            print(f"{path} is a finished run: training anew")
+        return
+    if _trajectory(ckpt["meta"]) != _trajectory(state.meta):
+        if state.dist.main:
+            print(f"ignoring {path}: it was written with different settings")
+        return
+    state.model.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    state.sched.load_state_dict(ckpt["scheduler"])
+    if state.scaler is not None and ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step = state.checkpoint_step = ckpt["step"]
+    state.positions = [DataPosition(**p) for p in ckpt["data"][state.dist.rank]]
+    _set_rng_state(ckpt["rng"][state.dist.rank], state.gen)
+    if state.dist.main:
+        print(f"resuming from {path} at step {state.step}")
+
+
+def save_checkpoint(state: TrainState, out: Path) -> None:
+    """Every rank hands in its data positions and random streams; rank 0 writes checkpoint.pt
+    atomically, first moving the previous one aside as checkpoint-<step>.pt and dropping all but
+    the newest ``keep_checkpoints``."""
+    data = distributed.gather([dataclasses.asdict(p) for p in state.positions], state.dist)
+    rng = distributed.gather(_rng_state(state.gen), state.dist)
+    if not state.dist.main:
+        return
+    path = out / CHECKPOINT
+    tmp = path.with_suffix(".tmp")
+    torch.save({"meta": state.meta, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+                "optimizer": state.opt.state_dict(), "scheduler": state.sched.state_dict(),
+                "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+                "step": state.step, "data": data, "rng": rng}, tmp)
+    previous = state.checkpoint_step
+    if previous is not None and previous < state.step and state.cfg.keep_checkpoints > 1 and path.is_file():
+        path.replace(out / f"checkpoint-{previous:08d}.pt")
+    tmp.replace(path)  # atomic
+    state.checkpoint_step = state.step
+    older = older_checkpoints(out)
+    for old in older[: max(0, len(older) - (state.cfg.keep_checkpoints - 1))]:
+        old.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# One step
+
+
+@dataclass
+class TextTable:
+    """The caption embeddings on the training device, and the row of the empty caption."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    lengths: torch.Tensor
+    empty: int
+    word_vectors: bool = False  # the tokens are word vectors (the same in any sentence), pooled their mean
+
+    @classmethod
+    def of(cls, table: EmbeddingTable, device: torch.device) -> "TextTable":
+        mask = table.mask.to(device)
+        return cls(table.tokens.to(device), mask, table.pooled.to(device), mask.sum(1).cpu(), table.empty_row,
+                   table.fingerprint.get("layer") == WORD_VECTORS)
+
+    def cond(self, rows: torch.Tensor) -> Cond:
+        """Rows (on the CPU) -> conditioning cut to the longest caption among them."""
+        length = int(self.lengths[rows].max())  # from a CPU tensor: no device sync
+        rows = rows.to(self.tokens.device, non_blocking=True)
+        return Cond(self.tokens[rows, :length].float(), self.mask[rows, :length], self.pooled[rows].float())
+
+    def training_cond(self, rows: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> Cond:
+        """What a training step conditions on: caption dropout for classifier-free guidance
+        (``train.cond_dropout``: the row becomes the empty caption), the cut to the longest caption,
+        then ``train.unseen_words`` on the captions kept (word-vector tables only); draws from ``gen``."""
+        drop = torch.rand(rows.shape, generator=gen) < cfg.cond_dropout
+        cond = self.cond(torch.where(drop, torch.full_like(rows, self.empty), rows))
+        if cfg.unseen_words > 0 and self.word_vectors:
+            cond = add_unseen_words(cond, ~drop, cfg.unseen_words, cfg.unseen_words_max, gen)
+        return cond
+
+
+def add_unseen_words(cond: Cond, keep: torch.Tensor, chance: float, most: int, gen: torch.Generator) -> Cond:
+    """``train.unseen_words``: each caption where ``keep`` (B,) is True gets, with probability
+    ``chance``, 1..``most`` extra random word vectors, and its pooled vector (the mean of its word
+    vectors) takes them in.
+
+    A word that no training caption holds has, in a randomly initialised tower's table, a vector
+    the model never learned to read: a random direction, LayerNorm-ed like every other. Trained
+    only on the training wording, a small model lets such words pull its picture towards what it
+    saw most; trained with some of them in its captions, it learns that they say nothing. The
+    extra vectors are drawn the same way (standard normal, then LayerNorm without affine, as the
+    random tower's ``ln_final``), appended behind the caption's tokens with the mask extended
+    (neither denoiser's cross-attention has positions; the tower's word vectors carry none either).
+    Draws from ``gen`` on the CPU, so a run is reproducible on any device.
+    """
+    b, _, d = cond.tokens.shape
+    n_add = torch.randint(1, most + 1, (b,), generator=gen) * ((torch.rand(b, generator=gen) < chance) & keep)
+    new = F.layer_norm(torch.randn(b, most, d, generator=gen), (d,))
+    added = torch.arange(most)[None] < n_add[:, None]  # (B, most)
+    new = new * added[..., None]
+    dev = cond.tokens.device
+    n = cond.mask.sum(1).float()
+    pooled = (cond.pooled * n[:, None] + new.sum(1).to(dev)) / (n + n_add.to(dev))[:, None]
+    return Cond(torch.cat([cond.tokens, new.to(dev)], 1), torch.cat([cond.mask, added.to(dev)], 1), pooled)
+
+
+def micro_loss(state: TrainState, batch: Batch, text: TextTable, posterior: bool) -> torch.Tensor:
+    """The loss of one micro-batch (caption dropout for guidance, a fresh latent draw), on the device."""
+    cfg, gen = state.cfg, state.gen
+    x0 = batch.x0
+    if posterior:  # a fresh draw of each image's latent distribution
+        x0 = x0 + batch.std * torch.randn(x0.shape, generator=gen)
+    cond = text.training_cond(batch.rows, cfg, gen)
+    x0 = x0.to(state.device, non_blocking=True)
+    if state.device.type == "cuda" and cfg.channels_last and cfg.denoiser == "unet":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    with state.autocast():
+        return diffusion_loss(state.model, x0, cond, weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma,
+                              generator=gen if state.device.type == "cpu" else None, forward=state.forward).mean()
+
+
+def train_step(state: TrainState, micro_batches: list[Batch], text: TextTable, posterior: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``grad_accum`` micro-batches: (mean loss, gradient norm), both left
+    on the device. Gradients are all-reduced once, on the last micro-batch."""
+    opt, n = state.opt, len(micro_batches)
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=state.device)
+    for i, batch in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if i == n - 1 or not state.dist.active else state.forward.no_sync()
+        with sync:
+            loss = micro_loss(state, batch, text, posterior) / n
+            (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
+        total += loss.detach()
+    if state.scaler is not None:
+        state.scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.cfg.grad_clip)
+    if state.scaler is not None:
+        state.scaler.step(opt)  # skips the step when fp16 gradients overflowed
+        state.scaler.update()
+    else:
+        opt.step()
+    state.sched.step()
+    # EMA warms up so the average is not dominated by the random initialisation
+    ema_update(state.ema, state.model, min(state.cfg.ema_decay, (1 + state.step) / (10 + state.step)))
+    state.step += 1
+    state.positions[micro_batches[-1].worker] = micro_batches[-1].position
+    return total, grad_norm
+
+
+class Monitor:
+    """Loss, throughput, data waiting and the non-finite guard, accumulated on the device; read
+    (one sync) at logging intervals and before each checkpoint."""
+
+    def __init__(self, state: TrainState):
+        dev = state.device
+        self.state = state
+        self.loss_sum = torch.zeros((), device=dev)
+        self.n = 0
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=dev)  # first step with a non-finite value
+        self.step_t = torch.full((), state.step, dtype=torch.long, device=dev)
+        self.check_grads = state.scaler is None  # fp16: the scaler skips overflowed steps itself
+        self.t_start = self.t_log = time.perf_counter()
+        self.seen = 0
+        self.wait = 0.0
+        self.grad_norm = torch.zeros((), device=dev)
+
+    def fetch(self, data: Iterator[Batch]) -> Batch:
+        t0 = time.perf_counter()
+        batch = next(data)
+        self.wait += time.perf_counter() - t0
+        return batch
+
+    def record(self, loss: torch.Tensor, grad_norm: torch.Tensor, images: int) -> None:
+        self.step_t += 1
+        bad = ~torch.isfinite(loss)
+        if self.check_grads:
+            bad |= ~torch.isfinite(grad_norm)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step_t, self.first_bad)
+        self.loss_sum += loss
+        self.grad_norm = grad_norm.detach()
+        self.n += 1
+        self.seen += images * self.state.dist.world
+
+    def check(self, checkpoint: Path) -> None:
+        """Stop with the step of the first non-finite loss or gradient (on any rank)."""
+        first = distributed.all_max(self.first_bad.clone(), self.state.dist)
+        if int(first) >= 0:
+            kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.is_file() else "no checkpoint was written yet"
+            raise T2IError(f"training diverged: non-finite loss or gradient at step {int(first)}; {kept}. "
+                           "Lower train.lr or train.grad_clip, or try train.precision fp32")
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` of other work (a preview grid) out of img_per_s and data_wait_fraction."""
+        self.t_start += seconds
+        self.t_log += seconds
+
+    def metrics(self) -> dict[str, float]:
+        now = time.perf_counter()
+        loss = distributed.all_mean(self.loss_sum / max(1, self.n), self.state.dist)
+        wall = now - self.t_log
+        out = {"loss": float(loss), "lr": self.state.sched.get_last_lr()[0], "grad_norm": float(self.grad_norm),
+               "img_per_s": self.seen / (now - self.t_start), "data_wait_fraction": self.wait / wall if wall > 0 else 0.0,
+               "epoch": self.state.positions[0].epoch}
+        self.loss_sum.zero_()
+        self.n, self.wait, self.t_log = 0, 0.0, now
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def preview(state: TrainState, grid_fn):
+    """The EMA's sample grid, every ``train.sample_every`` steps and at the end. Sampling draws
+    from its own seeded generators, so the run's weights and data order are those of a run without it."""
+    state.ema.eval()
+    with torch.no_grad():
+        return grid_fn(state.ema, state.step)
+
+
+def export(state: TrainState, out: Path, summary: dict) -> None:
+    state.ema.eval()
+    save_model(state.ema, out, {**state.meta, "steps_done": state.step, "params": count_params(state.model.net),
+                                "device": state.device.type, **summary})
+
+
+def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_dir: str | Path, *,
+          image_size: int, latent: LatentSpec | None = None, logger: TrainLogger | None = None, grid_fn=None,
+          progress: bool = True) -> Path:
+    """Train for ``cfg.steps`` steps (resuming from out_dir/checkpoint.pt if its config matches).
+
+    ``shard_urls`` are image shards, or latent shards with ``latent`` saying which latent space
+    (the latents stage); ``image_size`` is the side of the images the model produces.
+    ``grid_fn(denoiser, step) -> PIL.Image`` may render a sample grid at the end for the logger
+    (as sample_grid.png), and every ``train.sample_every`` steps before it (as
+    train_samples/step_<step>.png).
+    Under torchrun, call it on every rank: rank 0 logs and writes. Returns the directory holding
+    model.safetensors and model.json.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    d = distributed.setup(device)
+    device = distributed.device_for(device, d)
+    logger = logger if logger is not None and d.main else NullLogger()
+    state = build_state(cfg, table, image_size, latent, device, d)
+    resume(state, out)
+    logger.log_metrics({"params_millions": count_params(state.model.net) / 1e6}, state.step)
+
+    accum, per_forward = cfg.grad_accum, cfg.batch_size // (d.world * cfg.grad_accum)
+    spec = DataSpec(shard_urls, cfg.seed, cfg.shuffle_buffer, per_forward, d.rank, d.world, cfg.data_workers, latent)
+    data = batch_loader(spec, table, state.positions, pin_memory=device.type == "cuda")
+    text = TextTable.of(table, device)
+    if cfg.unseen_words > 0 and not text.word_vectors and d.main:
+        print(f"train.unseen_words {cfg.unseen_words:g} is off: the caption table holds "
+              f"{table.fingerprint.get('layer')!r} states of {table.fingerprint.get('model')}, not word vectors")
+    posterior = latent is not None and cfg.latent_sampling == "posterior"
+    monitor = Monitor(state)
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not (progress and d.main),
+               mininterval=2.0)
+    state.model.train()
+    while state.step < cfg.steps:
+        micro = [monitor.fetch(data) for _ in range(accum)]
+        loss, grad_norm = train_step(state, micro, text, posterior)
+        monitor.record(loss, grad_norm, sum(b.x0.shape[0] for b in micro))
+        bar.update(1)
+        step = state.step
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            monitor.check(out / CHECKPOINT)
+            metrics = monitor.metrics()
+            logger.log_metrics(metrics, step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            monitor.check(out / CHECKPOINT)
+            save_checkpoint(state, out)
+        if grid_fn is not None and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and d.main:
+            t0 = time.perf_counter()
+            logger.log_image(preview(state, grid_fn), f"{PREVIEW_DIR}/step_{step:07d}.png")
+            monitor.pause(time.perf_counter() - t0)
+    bar.close()
+    elapsed = time.perf_counter() - monitor.t_start
+    summary = {"train_seconds": elapsed, "train_img_per_s": monitor.seen / elapsed if elapsed > 0 else 0.0}
+    if d.main:
+        logger.log_metrics(summary, state.step)
+        export(state, out, summary)
+        if grid_fn is not None:
+            logger.log_image(preview(state, grid_fn), "sample_grid.png")
+    distributed.teardown(d)
+    return out

@@ -1,0 +1,163 @@
+"""Training data: a resumable, seeded stream over the shards, split between ranks and workers,
+joined to the caption embeddings and batched.
+
+Every process of a torchrun job (rank r of W) and every DataLoader worker in it (w of K) reads its
+own part of the shards, part ``r * K + w`` of ``W * K``, drawn anew each epoch from a shuffle that
+all of them share, so the parts are disjoint and cover every shard. With fewer shards than parts
+a part reads every shard. The stream never ends (epoch after epoch), so every rank runs exactly
+``train.steps`` steps whatever the shard count or sizes: nobody waits for a rank that ran dry.
+
+Each batch carries the worker it came from and that worker's stream position after it; the loop
+keeps the latest position of every worker and a checkpoint stores them all, so a rerun restarts
+each worker's stream where it stood (no sample repeated or skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from diffusion.errors import MissingInputError
+from diffusion.data.latents import LatentSpec, scale_latents
+from diffusion.data.shards import decode_sample, raw_samples
+from diffusion.data.text import EmbeddingTable
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    offset: int = 0  # samples of this epoch already consumed
+
+
+class ShardStream:
+    """Endless stream of decoded samples ({key, image uint8 HxWx3 or latent mean/std, caption,
+    meta}) from part ``part`` of ``parts`` of the shards.
+
+    Epoch e visits the shards in an order seeded by (seed, e) and shuffles samples through a
+    buffer seeded the same way, so the stream is a pure function of (urls, seed, part) and a
+    position (epoch, offset) can be restored by replaying the epoch without decoding the skipped
+    samples.
+    """
+
+    def __init__(self, urls: list[str], seed: int, shuffle_buffer: int, part: int = 0, parts: int = 1):
+        if not urls:
+            raise MissingInputError("no training shards given")
+        self.urls, self.seed, self.buffer = list(urls), seed, shuffle_buffer
+        self.part, self.parts = part, parts
+        self.position = DataPosition()
+
+    def _epoch(self, epoch: int) -> Iterator[dict]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        urls = self.urls[:]
+        rng.shuffle(urls)
+        urls = urls[self.part::self.parts] or urls  # fewer shards than parts: every part reads all
+        buf: list[dict] = []
+        for sample in raw_samples(urls):
+            buf.append(sample)
+            if len(buf) >= self.buffer:
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            pos = self.position
+            got = 0
+            for i, raw in enumerate(self._epoch(pos.epoch)):
+                if i < pos.offset:
+                    continue
+                s = decode_sample(raw)
+                pos.offset = i + 1
+                got += 1
+                yield s
+            if got == 0 and pos.offset == 0:
+                raise MissingInputError(f"training shards hold no samples: {self.urls[:2]}...")
+            self.position = DataPosition(pos.epoch + 1, 0)
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor
+    rows: torch.Tensor
+    position: DataPosition  # where its worker's stream stands after this batch (saved in checkpoints)
+    std: torch.Tensor | None = None  # latent batches: the posterior's std (x0 holds its mean)
+    worker: int = 0
+
+    def pin_memory(self) -> "Batch":  # DataLoader(pin_memory=True) calls this
+        return dataclasses.replace(self, x0=self.x0.pin_memory(),
+                                   std=self.std.pin_memory() if self.std is not None else None)
+
+
+def batches(stream: ShardStream, table: EmbeddingTable, batch_size: int, latent: LatentSpec | None = None,
+            worker: int = 0) -> Iterator[Batch]:
+    """Batches of (images (B, 3, H, W) float in [-1, 1], embedding rows (B,), stream position after it);
+    from latent shards (``latent`` given) the scaled posterior means and standard deviations."""
+    it = iter(stream)
+    while True:
+        xs, stds, rows = [], [], []
+        for _ in range(batch_size):
+            s = next(it)
+            if latent is None:
+                xs.append(s["image"])
+            else:
+                xs.append(s["mean"])
+                stds.append(s["std"])
+            rows.append(table.row(s["caption"]))
+        if latent is None:
+            x, std = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), None
+        else:
+            x, std = scale_latents(np.stack(xs), np.stack(stds), latent)
+        yield Batch(x, torch.tensor(rows, dtype=torch.long), dataclasses.replace(stream.position), std, worker)
+
+
+@dataclass
+class DataSpec:
+    """What one rank reads: the shards, its part, the batch it feeds to one forward pass."""
+
+    urls: list[str]
+    seed: int
+    shuffle_buffer: int
+    batch_size: int
+    rank: int = 0
+    world: int = 1
+    workers: int = 1  # DataLoader worker processes; 0: decode in the training process
+    latent: LatentSpec | None = None
+
+    def stream(self, worker: int, position: DataPosition | None) -> ShardStream:
+        k = max(1, self.workers)
+        s = ShardStream(self.urls, self.seed, self.shuffle_buffer, self.rank * k + worker, self.world * k)
+        if position is not None:
+            s.position = dataclasses.replace(position)
+        return s
+
+
+class BatchStream(torch.utils.data.IterableDataset):
+    """One rank's batches as an IterableDataset: each DataLoader worker process streams its own
+    part of the shards, so tar parsing and image decoding run beside the training step."""
+
+    def __init__(self, spec: DataSpec, table: EmbeddingTable, positions: list[DataPosition]):
+        super().__init__()
+        self.spec, self.table, self.positions = spec, table, positions
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        w = info.id if info is not None else 0
+        return batches(self.spec.stream(w, self.positions[w]), self.table, self.spec.batch_size, self.spec.latent, w)
+
+
+def batch_loader(spec: DataSpec, table: EmbeddingTable, positions: list[DataPosition], *,
+                 pin_memory: bool = False) -> Iterator[Batch]:
+    """Endless batches for one rank, resumed at ``positions`` (one per worker)."""
+    if spec.workers == 0:
+        return batches(spec.stream(0, positions[0]), table, spec.batch_size, spec.latent)
+    loader = torch.utils.data.DataLoader(BatchStream(spec, table, positions), batch_size=None,
+                                         num_workers=spec.workers, prefetch_factor=4, persistent_workers=False,
+                                         pin_memory=pin_memory)
+    return iter(loader)
