@@ -7,8 +7,8 @@ parameters, plus the data loader against what training consumes, on this machine
         --out bench/results/train-gpu.json                                   # the whole GPU comparison
 
 The GPU command runs in a few minutes on one H100/H200 (torch.compile of our UNet is most of it);
-``bash bench/gpu_check.sh`` runs it together with the train stage on CUDA (README, "Training at
-scale", has its figures on an H200). A model that fails (a compile error, out of memory) is
+``bash bench/gpu_check.sh`` runs it together with the train stage on CUDA (docs/results.md,
+"Training on a GPU (H200)", has its figures). A model that fails (a compile error, out of memory) is
 reported in the notes and the others still run; with ``--out`` the rows timed so far are also
 written to ``<out>.partial.json`` after each model.
 
