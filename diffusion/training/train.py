@@ -65,20 +65,21 @@ class NullLogger:
 
 PREVIEW_DIR = "train_samples"  # the MLflow artifact folder of train.sample_every's grids
 
-CODE_FILES = ("training/train.py", "training/train_data.py", "models/unet.py", "models/dit.py", "models/precond.py",
-              "models/loss.py", "models/schedules.py")
 
-
-def code_fingerprint() -> str:
-    """Hash of the modules that define the model and its training: a checkpoint written by other
-    code is not resumed."""
+def code_fingerprint(package_dir: Path | None = None) -> str:
+    """Hash of the code the train stage runs, ``codegraph.stage_files("train")``: the same files
+    as the stage's deps in dvc.yaml, so a change that makes ``dvc repro`` retrain also stops a
+    checkpoint written by the other code from being resumed. ``package_dir``: another copy of
+    the package (tests)."""
     import hashlib
 
-    here = Path(__file__).resolve().parents[1]
+    from diffusion import codegraph
+
+    root = package_dir or codegraph.PACKAGE_DIR
     h = hashlib.sha256()
-    for name in CODE_FILES:
-        if (here / name).is_file():
-            h.update((here / name).read_bytes())
+    for name in codegraph.stage_files("train", root):
+        data = (root.parent / name).read_bytes()
+        h.update(f"{name}\0{len(data)}\0".encode() + data)
     return h.hexdigest()[:16]
 
 
