@@ -279,9 +279,6 @@ def encode_shards(cfg: LatentsConfig, shards_dir: str | Path, out_dir: str | Pat
     With ``cfg.vae`` null the stage is off: ``latents.json`` says so and training stays in pixels.
     Returns latents.json's content plus what this run did (``encoded``, ``kept``, ``seconds``).
     """
-    from diffusion.data.shards import decode_sample, raw_samples
-    from diffusion.data.text import pick_device
-
     out = Path(out_dir)
     if not cfg.vae:
         for split in art.SPLITS:
@@ -294,6 +291,38 @@ def encode_shards(cfg: LatentsConfig, shards_dir: str | Path, out_dir: str | Pat
     image_size = art.square_image_size(shards_dir)
     art.shard_urls(shards_dir, "train")  # at least one training shard
     sources = {split: [Path(u) for u in art.list_shards(Path(shards_dir) / split)] for split in art.SPLITS}
+    vae, device, dtype, fp = _encoder(cfg, image_size)
+    fp_id = _fp_id(fp)
+    records, wanted, todo = _plan(out, fp_id, sources)
+    counts = _index_counts(shards_dir)
+
+    _save_info(out, cfg, fp, fp_id, records)
+    t0, encoded = time.perf_counter(), 0
+    bar = tqdm(total=sum(counts.get(n, 0) for n, _, _ in todo) or None, desc="latents", unit="img",
+               disable=not progress, mininterval=2.0)
+    for name, path, ident in todo:
+        samples, stats = _encode_shard(vae, name, path, cfg.batch_size, image_size, device, dtype, fp, bar)
+        _write_tar(out / name, samples)
+        encoded += len(samples)
+        records[name] = {**ident, "samples": len(samples), **stats.as_dict()}
+        _save_info(out, cfg, fp, fp_id, records)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    info = _save_info(out, cfg, fp, fp_id, records)
+    std = info["latent"]["channel_std"]
+    if std and not 0.5 < float(np.sqrt(np.mean(np.square(std)))) < 2.0:
+        rms = float(np.sqrt(np.mean(np.square(std))))
+        print(f"latents: scaled latents have std {rms:.3g}, far from 1: consider latents.scaling_factor "
+              f"{fp['scaling_factor'] / rms:.4g} (the VAE config says {fp['scaling_factor']:g})")
+    return {**info, "encoded": encoded, "kept": len(wanted) - len(todo), "seconds": seconds,
+            "img_per_s": encoded / seconds if seconds > 0 and encoded else 0.0}
+
+
+def _encoder(cfg: LatentsConfig, image_size: int) -> tuple[nn.Module, torch.device, torch.dtype, dict]:
+    """The VAE that ``cfg`` names, on its device in its compute dtype, and the fingerprint of the
+    latents it writes. Refuses an image size its downsampling factor does not divide."""
+    from diffusion.data.text import pick_device
+
     vae = load_vae(cfg.vae, subfolder=cfg.subfolder, config=cfg.config)
     vae_sha = weights_sha256(vae)
     factor = downsampling(vae)
@@ -305,9 +334,14 @@ def encode_shards(cfg: LatentsConfig, shards_dir: str | Path, out_dir: str | Pat
     vae.to(device)
     if dtype != torch.float32:  # (diffusers warns on any dtype cast, even to float32)
         vae.to(dtype)
-    fp = fingerprint(cfg, vae, vae_sha, image_size, dtype)
-    fp_id = _fp_id(fp)
+    return vae, device, dtype, fingerprint(cfg, vae, vae_sha, image_size, dtype)
 
+
+def _plan(out: Path, fp_id: str, sources: dict[str, list[Path]]) -> tuple[dict[str, dict], dict[str, Path], list]:
+    """(records, wanted, todo): the records of ``out``'s latents.json still good for fingerprint
+    ``fp_id`` and their sources, every source shard by latent name (``train/shard-X.tar``), and the
+    (name, source path, source identity) of each shard to encode. Deletes the latent files no
+    record vouches for."""
     old = {}
     if (out / LATENTS_INFO).is_file():
         old = json.loads((out / LATENTS_INFO).read_text())
@@ -333,63 +367,57 @@ def encode_shards(cfg: LatentsConfig, shards_dir: str | Path, out_dir: str | Pat
         else:
             records.pop(name, None)
             todo.append((name, path, ident))
-    counts = _index_counts(shards_dir)
-    scale, shift = fp["scaling_factor"], fp["shift_factor"]
+    return records, wanted, todo
 
-    def save_info() -> dict:
-        info = {"enabled": True, "fingerprint_id": fp_id, "fingerprint": fp,
-                "vae": {"ref": cfg.vae, "subfolder": cfg.subfolder, "config": cfg.config},
-                "latent": _latent_summary(fp, records), "shards": dict(sorted(records.items()))}
-        art.write_json(out / LATENTS_INFO, info)
-        return info
 
-    save_info()
-    t0, encoded = time.perf_counter(), 0
-    bar = tqdm(total=sum(counts.get(n, 0) for n, _, _ in todo) or None, desc="latents", unit="img",
-               disable=not progress, mininterval=2.0)
-    for name, path, ident in todo:
-        samples, stats = [], _Stats(fp["latent_channels"])
-        batch: list[dict] = []
+def _save_info(out: Path, cfg: LatentsConfig, fp: dict, fp_id: str, records: dict[str, dict]) -> dict:
+    """Write latents.json for the latent shards ``records`` describes; returns what it wrote."""
+    info = {"enabled": True, "fingerprint_id": fp_id, "fingerprint": fp,
+            "vae": {"ref": cfg.vae, "subfolder": cfg.subfolder, "config": cfg.config},
+            "latent": _latent_summary(fp, records), "shards": dict(sorted(records.items()))}
+    art.write_json(out / LATENTS_INFO, info)
+    return info
 
-        def flush() -> None:
-            x = torch.from_numpy(np.stack([s["image"] for s in batch])).to(device)
-            x = x.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
-            with torch.no_grad():
-                dist = vae.encode(x).latent_dist
-            mean = dist.mean.float().cpu().numpy().astype(np.float16)
-            std = dist.std.float().cpu().numpy().astype(np.float16)
-            stats.add((mean.astype(np.float32) - shift) * scale)
-            for s, m, sd in zip(batch, mean, std):
-                samples.append({"__key__": s["key"], "mean.npy": _npy(m), "std.npy": _npy(sd),
-                                "txt": s["caption"].encode("utf-8"), "json": json.dumps(s["meta"]).encode("utf-8")})
-            bar.update(len(batch))
-            batch.clear()
 
-        for raw in raw_samples([str(path)]):
-            s = decode_sample(raw)
-            h, w = s["image"].shape[:2]
-            if (h, w) != (image_size, image_size):  # before the VAE sees it
-                raise T2IError(f"{name}: sample {s['key']} is {w}x{h}, but the shards' image size (and the latents "
-                               f"fingerprint) is {image_size}x{image_size}: re-run ingest")
-            batch.append(s)
-            if len(batch) == cfg.batch_size:
-                flush()
-        if batch:
-            flush()
-        _write_tar(out / name, samples)
-        encoded += len(samples)
-        records[name] = {**ident, "samples": len(samples), **stats.as_dict()}
-        save_info()
-    bar.close()
-    seconds = time.perf_counter() - t0
-    info = save_info()
-    std = info["latent"]["channel_std"]
-    if std and not 0.5 < float(np.sqrt(np.mean(np.square(std)))) < 2.0:
-        rms = float(np.sqrt(np.mean(np.square(std))))
-        print(f"latents: scaled latents have std {rms:.3g}, far from 1: consider latents.scaling_factor "
-              f"{scale / rms:.4g} (the VAE config says {fp['scaling_factor']:g})")
-    return {**info, "encoded": encoded, "kept": len(wanted) - len(todo), "seconds": seconds,
-            "img_per_s": encoded / seconds if seconds > 0 and encoded else 0.0}
+def _encode_shard(vae, name: str, path: Path, batch_size: int, image_size: int, device: torch.device,
+                  dtype: torch.dtype, fp: dict, bar) -> tuple[list[dict[str, bytes]], "_Stats"]:
+    """One image shard through the VAE, ``batch_size`` images at a time: its latent samples, ready
+    for the tar, and their statistics. An image of another size is refused before the VAE sees it."""
+    from diffusion.data.shards import decode_sample, raw_samples
+
+    samples, stats = [], _Stats(fp["latent_channels"])
+    batch: list[dict] = []
+    for raw in raw_samples([str(path)]):
+        s = decode_sample(raw)
+        h, w = s["image"].shape[:2]
+        if (h, w) != (image_size, image_size):  # before the VAE sees it
+            raise T2IError(f"{name}: sample {s['key']} is {w}x{h}, but the shards' image size (and the latents "
+                           f"fingerprint) is {image_size}x{image_size}: re-run ingest")
+        batch.append(s)
+        if len(batch) == batch_size:
+            samples += _encode_batch(vae, batch, device, dtype, fp, stats, bar)
+            batch = []
+    if batch:
+        samples += _encode_batch(vae, batch, device, dtype, fp, stats, bar)
+    return samples, stats
+
+
+def _encode_batch(vae, batch: list[dict], device: torch.device, dtype: torch.dtype, fp: dict,
+                  stats: "_Stats", bar) -> list[dict[str, bytes]]:
+    """Decoded image samples -> latent samples (float16 posterior mean and std, caption, metadata);
+    adds the scaled means to ``stats`` and the images to the progress bar."""
+    x = torch.from_numpy(np.stack([s["image"] for s in batch])).to(device)
+    x = x.permute(0, 3, 1, 2).to(dtype).div_(127.5).sub_(1.0)
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    mean = dist.mean.float().cpu().numpy().astype(np.float16)
+    std = dist.std.float().cpu().numpy().astype(np.float16)
+    stats.add((mean.astype(np.float32) - fp["shift_factor"]) * fp["scaling_factor"])
+    samples = [{"__key__": s["key"], "mean.npy": _npy(m), "std.npy": _npy(sd),
+                "txt": s["caption"].encode("utf-8"), "json": json.dumps(s["meta"]).encode("utf-8")}
+               for s, m, sd in zip(batch, mean, std)]
+    bar.update(len(batch))
+    return samples
 
 
 def _index_counts(shards_dir: str | Path) -> dict[str, int]:
