@@ -17,14 +17,26 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, TypeVar, Union
 
 import yaml
 
 from diffusion.errors import ConfigError
 
+_Section = TypeVar("_Section")
+
 # --------------------------------------------------------------------------------------------
-# Sections
+# Sections. Each one checks its own fields in ``check(key)``, which the parser calls with the
+# section's dotted key (``train``, ``train.unet``) once the types are right; the few checks that
+# read two sections are ``_check_across``.
+
+
+def _at_least_one(section: Any, key: str, *names: str) -> None:
+    """Counts and sizes: ``key.name`` must be >= 1 for each of ``names``."""
+    for name in names:
+        value = getattr(section, name)
+        if value < 1:
+            raise ConfigError(f"{key}.{name} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,35 @@ class DatasetConfig:
             {"color": "blue", "shape": "square"},
         ]
     )
+
+    def check(self, key: str) -> None:
+        """Sizes and colours, and every shape, omitted attribute and held-out combination known."""
+        if self.image_size < 8 or self.image_size % 4:
+            raise ConfigError(f"{key}.image_size must be a multiple of 4 and >= 8, got {self.image_size}")
+        for name, rgb in list(self.colors.items()) + [("background", self.background)]:
+            if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+                raise ConfigError(f"{key} colour {name} must be three values in 0..255, got {rgb}")
+        for s in self.shapes:
+            if s not in ("circle", "square", "triangle", "diamond", "cross"):
+                raise ConfigError(f"{key}.shapes: unknown shape {s!r} (circle, square, triangle, diamond, cross)")
+        attrs = {"shape": set(self.shapes), "color": set(self.colors), "size": set(self.sizes),
+                 "position": set(self.positions)}
+        for i, combo in enumerate(self.holdout):
+            for k, v in combo.items():
+                if k not in attrs:
+                    raise ConfigError(f"{key}.holdout[{i}]: unknown attribute {k!r} ({', '.join(attrs)})")
+                if v not in attrs[k]:
+                    raise ConfigError(f"{key}.holdout[{i}]: {k} {v!r} is not one of {sorted(attrs[k])}")
+        for k, v in self.caption_omit.items():
+            if k not in attrs:
+                raise ConfigError(f"{key}.caption_omit: unknown attribute {k!r} ({', '.join(attrs)})")
+            if not 0 <= v < 1:
+                raise ConfigError(f"{key}.caption_omit.{k} must be in [0, 1), got {v}")
+        combos = itertools.product(self.shapes, self.colors, self.sizes, self.positions)
+        names = ("shape", "color", "size", "position")
+        if all(any(all(dict(zip(names, c))[k] == v for k, v in h.items()) for h in self.holdout) for c in combos):
+            raise ConfigError(f"{key}.holdout removes every combination from the training split")
+        _at_least_one(self, key, "n_train", "n_val")
 
 
 @dataclass(frozen=True)
@@ -113,6 +154,9 @@ class IngestConfig:
     dask_address: Optional[str] = None  # dask: null = a LocalCluster of `workers` processes; else tcp://host:8786
     download: DownloadConfig = field(default_factory=DownloadConfig)
 
+    def check(self, key: str) -> None:
+        _at_least_one(self, key, "samples_per_shard")
+
 
 @dataclass(frozen=True)
 class LatentsConfig:
@@ -129,6 +173,11 @@ class LatentsConfig:
     device: str = "auto"
     batch_size: int = 32  # images per encoder (and decoder) call
 
+    def check(self, key: str) -> None:
+        _at_least_one(self, key, "batch_size")
+        if self.scaling_factor is not None and self.scaling_factor <= 0:
+            raise ConfigError(f"{key}.scaling_factor must be > 0 (or null), got {self.scaling_factor}")
+
 
 @dataclass(frozen=True)
 class EmbedConfig:
@@ -142,6 +191,9 @@ class EmbedConfig:
     batch_size: int = 256
     device: str = "auto"
 
+    def check(self, key: str) -> None:
+        _at_least_one(self, key, "batch_size")
+
 
 @dataclass(frozen=True)
 class JudgeConfig:
@@ -152,6 +204,9 @@ class JudgeConfig:
     lr: float = 2.0e-3
     width: int = 32
     device: str = "auto"
+
+    def check(self, key: str) -> None:
+        _at_least_one(self, key, "steps")
 
 
 @dataclass(frozen=True)
@@ -177,6 +232,20 @@ class UNetConfig:
         """Blocks a level on the way up, ``up_blocks`` resolved (null: blocks_per_level + 1)."""
         return self.blocks_per_level + 1 if self.up_blocks is None else self.up_blocks
 
+    def check(self, key: str) -> None:
+        """Attention levels, up blocks and widths the network can be built with."""
+        n_levels = len(self.channel_mult)
+        if any(not 0 <= lvl < n_levels for lvl in self.attn_levels):
+            raise ConfigError(f"{key}.attn_levels must index channel_mult (0..{n_levels - 1})")
+        if not 1 <= self.blocks_up <= self.blocks_per_level + 1:
+            raise ConfigError(f"{key}.up_blocks must be 1..blocks_per_level + 1 = {self.blocks_per_level + 1} "
+                              f"(or null), got {self.up_blocks}")
+        if self.ctx_dim is not None and self.ctx_dim < 1:
+            raise ConfigError(f"{key}.ctx_dim must be >= 1 (or null), got {self.ctx_dim}")
+        for mult in self.channel_mult:
+            if (self.channels * mult) % self.heads or (self.channels * mult) % 8:
+                raise ConfigError(f"{key}: every level width must divide by heads and by 8 (GroupNorm)")
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -188,6 +257,11 @@ class DiTConfig:
     heads: int = 6
     patch: int = 2
     mlp_ratio: float = 4.0
+
+    def check(self, key: str) -> None:
+        if self.width % self.heads or self.width % 4 or self.depth < 1 or self.patch < 1:
+            raise ConfigError(f"{key}: width must divide by heads and by 4 (2D positions), depth and patch "
+                              "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -253,6 +327,29 @@ class TrainConfig:
         if self.lr is None:  # every TrainConfig holds a number: the size's rate
             object.__setattr__(self, "lr", size_lr(self.size, self.denoiser))
 
+    def check(self, key: str) -> None:
+        """The loop's own settings (train.unet and train.dit check themselves)."""
+        _at_least_one(self, key, "steps", "batch_size", "grad_accum", "keep_checkpoints", "unseen_words_max",
+                      "nproc_per_node", "nnodes")
+        if self.sample_every < 0:
+            raise ConfigError(f"{key}.sample_every must be >= 0 (0: off), got {self.sample_every}")
+        if not 0 < self.beta_min < self.beta_max < 1:
+            raise ConfigError(f"{key}.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")
+        if not self.lr > 0:
+            raise ConfigError(f"{key}.lr must be > 0 (or null: the rate of {key}.size), got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"{key}.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.cond_dropout < 1:
+            raise ConfigError(f"{key}.cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0 <= self.unseen_words <= 1:
+            raise ConfigError(f"{key}.unseen_words must be in [0, 1], got {self.unseen_words}")
+        per_step = self.nproc_per_node * self.nnodes * self.grad_accum
+        if self.batch_size % per_step:
+            raise ConfigError(f"{key}.batch_size {self.batch_size} must divide by nproc_per_node x nnodes x "
+                              f"grad_accum = {per_step}")
+        if self.data_workers < 0:
+            raise ConfigError(f"{key}.data_workers must be >= 0, got {self.data_workers}")
+
 
 @dataclass(frozen=True)
 class SampleConfig:
@@ -275,6 +372,10 @@ class SampleConfig:
     batch_size: int = 256
     device: str = "auto"
     grid_size: int = 24  # images in the sample grid PNG
+
+    def check(self, key: str) -> None:
+        """Counts only: the sampler settings against train.timesteps are ``sampler_problems``."""
+        _at_least_one(self, key, "steps", "per_combo")
 
 
 # train.size: the networks of each size (parameters with the default 384-wide text tower)
@@ -359,6 +460,11 @@ class SweepConfig:
     n_prompts: int = 128  # other sources: validation captions per point
     seed: int = 0
 
+    def check(self, key: str) -> None:
+        for name in self.samplers:
+            if name not in CHOICES["sample.sampler"]:
+                raise ConfigError(f"{key}.samplers: {name!r} is not one of {', '.join(CHOICES['sample.sampler'])}")
+
 
 @dataclass(frozen=True)
 class RegisterConfig:
@@ -387,6 +493,9 @@ class BatchConfig:
     seed: int = 0  # rows without a seed get seed + their row number
     device: str = "auto"
     contact_sheet_size: int = 48  # images on the contact sheet
+
+    def check(self, key: str) -> None:
+        _at_least_one(self, key, "batch_size")
 
 
 @dataclass(frozen=True)
@@ -525,6 +634,30 @@ def _build(cls: type, data: Any, prefix: str):
     return cls(**kwargs)
 
 
+def _check_tree(section: Any, key: str) -> None:
+    """``section.check(key)``, then each nested section's (``train``, then ``train.unet``, ``train.dit``)."""
+    if hasattr(section, "check"):
+        section.check(key)
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_tree(value, f"{key}.{f.name}" if key else f.name)
+
+
+def parse_section(cls: type[_Section], data: Any, key: str, source: str | None = None) -> _Section:
+    """One section (``cls``, with its nested sections) from a mapping, checked as params.yaml's is:
+    unknown keys, wrong types, values outside CHOICES and the section's own checks raise ConfigError
+    naming ``key.field`` (prefixed with ``source``); missing keys take the defaults. A model.json's
+    ``train`` comes back through here (diffusion.models.store.load_model), so a bundle written
+    before a key existed still loads."""
+    try:
+        section = _build(cls, data, key)
+        _check_tree(section, key)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    return section
+
+
 def parse_params(data: Any, source: str = "params") -> Params:
     """Build ``Params`` from an already-loaded mapping; errors are prefixed with ``source``."""
     try:
@@ -532,7 +665,8 @@ def parse_params(data: Any, source: str = "params") -> Params:
         if params.train.size != "custom":  # a size preset replaces the networks' settings
             preset = SIZE_PRESETS[params.train.size]
             params = dataclasses.replace(params, train=dataclasses.replace(params.train, **preset))
-        _validate(params)
+        _check_tree(params, "")
+        _check_across(params)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return params
@@ -563,93 +697,19 @@ def load_params(path: str | Path, overrides: list[str] | None = None) -> Params:
     return parse_params(data, source=str(path))
 
 
-def _validate(p: Params) -> None:
-    """Cross-field checks that a type alone cannot express."""
-    d = p.dataset
-    if d.image_size < 8 or d.image_size % 4:
-        raise ConfigError(f"dataset.image_size must be a multiple of 4 and >= 8, got {d.image_size}")
-    for name, rgb in list(d.colors.items()) + [("background", d.background)]:
-        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-            raise ConfigError(f"dataset colour {name} must be three values in 0..255, got {rgb}")
-    for s in d.shapes:
-        if s not in ("circle", "square", "triangle", "diamond", "cross"):
-            raise ConfigError(f"dataset.shapes: unknown shape {s!r} (circle, square, triangle, diamond, cross)")
-    attrs = {"shape": set(d.shapes), "color": set(d.colors), "size": set(d.sizes), "position": set(d.positions)}
-    for i, combo in enumerate(d.holdout):
-        for k, v in combo.items():
-            if k not in attrs:
-                raise ConfigError(f"dataset.holdout[{i}]: unknown attribute {k!r} ({', '.join(attrs)})")
-            if v not in attrs[k]:
-                raise ConfigError(f"dataset.holdout[{i}]: {k} {v!r} is not one of {sorted(attrs[k])}")
-    for k, v in d.caption_omit.items():
-        if k not in attrs:
-            raise ConfigError(f"dataset.caption_omit: unknown attribute {k!r} ({', '.join(attrs)})")
-        if not 0 <= v < 1:
-            raise ConfigError(f"dataset.caption_omit.{k} must be in [0, 1), got {v}")
-    combos = itertools.product(d.shapes, d.colors, d.sizes, d.positions)
-    names = ("shape", "color", "size", "position")
-    if all(any(all(dict(zip(names, c))[k] == v for k, v in h.items()) for h in d.holdout) for c in combos):
-        raise ConfigError("dataset.holdout removes every combination from the training split")
-    for key, value in [
-        ("dataset.n_train", d.n_train), ("dataset.n_val", d.n_val),
-        ("ingest.samples_per_shard", p.ingest.samples_per_shard),
-        ("train.steps", p.train.steps), ("train.batch_size", p.train.batch_size),
-        ("train.grad_accum", p.train.grad_accum), ("train.keep_checkpoints", p.train.keep_checkpoints),
-        ("train.unseen_words_max", p.train.unseen_words_max),
-        ("train.nproc_per_node", p.train.nproc_per_node), ("train.nnodes", p.train.nnodes),
-        ("judge.steps", p.judge.steps), ("sample.steps", p.sample.steps),
-        ("sample.per_combo", p.sample.per_combo), ("embed.batch_size", p.embed.batch_size),
-        ("batch.batch_size", p.batch.batch_size), ("latents.batch_size", p.latents.batch_size),
-    ]:
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    if p.train.sample_every < 0:
-        raise ConfigError(f"train.sample_every must be >= 0 (0: off), got {p.train.sample_every}")
+def _check_across(p: Params) -> None:
+    """The checks that read two sections: step counts against train.timesteps, and the denoiser
+    against the side it must tile (the image's; a latent model's is checked at train)."""
     t = p.train
-    if not 0 < t.beta_min < t.beta_max < 1:
-        raise ConfigError("train.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")
-    if not t.lr > 0:
-        raise ConfigError(f"train.lr must be > 0 (or null: the rate of train.size), got {t.lr}")
-    if not 0 <= t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-    if not 0 <= t.cond_dropout < 1:
-        raise ConfigError(f"train.cond_dropout must be in [0, 1), got {t.cond_dropout}")
-    if not 0 <= t.unseen_words <= 1:
-        raise ConfigError(f"train.unseen_words must be in [0, 1], got {t.unseen_words}")
-    for name in p.sweep.samplers:
-        if name not in CHOICES["sample.sampler"]:
-            raise ConfigError(f"sweep.samplers: {name!r} is not one of {', '.join(CHOICES['sample.sampler'])}")
     if any(not 1 <= n <= t.timesteps for n in [*p.sweep.steps, p.sweep.reference_steps or 1]):
         raise ConfigError(f"sweep.steps and sweep.reference_steps must be in 1..{t.timesteps} (reference 0: none)")
     for problem in sampler_problems(p.sample, t.timesteps):
         raise ConfigError(f"sample.{problem} (train.timesteps is {t.timesteps})" if "steps must" in problem
                           else f"sample.{problem}")
-    per_step = t.nproc_per_node * t.nnodes * t.grad_accum
-    if t.batch_size % per_step:
-        raise ConfigError(f"train.batch_size {t.batch_size} must divide by nproc_per_node x nnodes x grad_accum = {per_step}")
-    if t.data_workers < 0:
-        raise ConfigError(f"train.data_workers must be >= 0, got {t.data_workers}")
-    dit = t.dit
-    if dit.width % dit.heads or dit.width % 4 or dit.depth < 1 or dit.patch < 1:
-        raise ConfigError("train.dit: width must divide by heads and by 4 (2D positions), depth and patch must be >= 1")
-    u = t.unet
-    n_levels = len(u.channel_mult)
-    if any(not 0 <= lvl < n_levels for lvl in u.attn_levels):
-        raise ConfigError(f"train.unet.attn_levels must index channel_mult (0..{n_levels - 1})")
-    if not 1 <= u.blocks_up <= u.blocks_per_level + 1:
-        raise ConfigError(f"train.unet.up_blocks must be 1..blocks_per_level + 1 = {u.blocks_per_level + 1} "
-                          f"(or null), got {u.up_blocks}")
-    if u.ctx_dim is not None and u.ctx_dim < 1:
-        raise ConfigError(f"train.unet.ctx_dim must be >= 1 (or null), got {u.ctx_dim}")
-    if p.latents.scaling_factor is not None and p.latents.scaling_factor <= 0:
-        raise ConfigError(f"latents.scaling_factor must be > 0 (or null), got {p.latents.scaling_factor}")
-    if not p.latents.vae:  # latent models: checked against the latent size the VAE gives (at train)
-        size_key, size = ("dataset.image_size", d.image_size) if p.ingest.source == "builtin" else \
+    if not p.latents.vae:
+        size_key, size = ("dataset.image_size", p.dataset.image_size) if p.ingest.source == "builtin" else \
             ("ingest.image_size", p.ingest.image_size)
         check_fits(t, size, size_key)
-    for mult in u.channel_mult:
-        if (u.channels * mult) % u.heads or (u.channels * mult) % 8:
-            raise ConfigError("train.unet: every level width must divide by heads and by 8 (GroupNorm)")
 
 
 def check_fits(t: "TrainConfig", size: int, size_key: str) -> None:

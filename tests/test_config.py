@@ -144,3 +144,58 @@ def test_learning_rate_null_follows_the_size_and_a_number_overrides_it():
         load_params(ROOT / "params.yaml", ["train.lr=fast"])
     with pytest.raises(ConfigError, match="train.lr must be > 0"):
         load_params(ROOT / "params.yaml", ["train.lr=0"])
+
+
+def test_each_section_checks_itself_with_the_key_it_is_given():
+    """The section's own checks run wherever it is parsed; the dotted key is the caller's."""
+    from diffusion.config import DiTConfig, TrainConfig, UNetConfig, parse_section
+
+    with pytest.raises(ConfigError, match=r"^train\.unet\.ctx_dim must be >= 1 \(or null\), got 0$"):
+        parse_section(UNetConfig, {"ctx_dim": 0}, "train.unet")
+    with pytest.raises(ConfigError, match=r"^m\.json: train\.dit: width must divide by heads"):
+        parse_section(TrainConfig, {"dit": {"width": 100, "heads": 3}}, "train", source="m.json")
+    assert parse_section(DiTConfig, None, "train.dit") == DiTConfig()
+
+
+def tiny_model(tmp_path, train: dict) -> Path:
+    """A model folder as the train stage writes it: an 8-wide UNet's weights and its model.json."""
+    from diffusion.config import TrainConfig, UNetConfig, to_dict
+    from diffusion.models.store import build_denoiser, save_model
+
+    cfg = TrainConfig(unet=UNetConfig(channels=8, channel_mult=[1, 2], attn_levels=[1], heads=2))
+    save_model(build_denoiser(cfg, 16, 16), tmp_path, {"train": {**to_dict(cfg), **train}, "text_dim": 16,
+                                                       "pooled_dim": 16})
+    return tmp_path
+
+
+def test_model_json_loads_through_the_params_parser_and_old_files_take_the_defaults(tmp_path):
+    import json
+
+    from diffusion.artifacts import MODEL_CONFIG
+    from diffusion.models.store import load_model
+
+    d = tiny_model(tmp_path, {"prediction": "v"})
+    meta = json.loads((d / MODEL_CONFIG).read_text())
+    for newer in ("dit", "sample_every", "unseen_words", "unseen_words_max", "size", "data_workers"):
+        del meta["train"][newer]  # keys a model written before they existed lacks
+    del meta["train"]["unet"]["ctx_dim"]
+    (d / MODEL_CONFIG).write_text(json.dumps(meta))
+    den, _ = load_model(d)  # the weights load strictly: the network is the one written
+    assert den.prediction == "v" and den.net.cfg.channels == 8 and den.net.cfg.ctx_dim is None
+
+
+def test_a_garbage_key_in_model_json_is_one_line_naming_it(tmp_path):
+    """Unknown keys were a TypeError from TrainConfig(**saved); no train key was ever removed, so no
+    model written by this project carries one."""
+    from diffusion.models.store import load_model
+
+    for train, message in [({"lrr": 0.1}, "unknown key train.lrr"),
+                           ({"unet": {"chanels": 8}}, "unknown key train.unet.chanels"),
+                           ({"precision": "fp8"}, "train.precision must be one of auto"),
+                           ({"steps": "many"}, "train.steps must be an integer")]:
+        (tmp_path / next(iter(train))).mkdir()
+        d = tiny_model(tmp_path / next(iter(train)), train)
+        with pytest.raises(ConfigError) as err:
+            load_model(d)
+        assert message in str(err.value) and "\n" not in str(err.value)
+        assert str(d / "model.json") in str(err.value)

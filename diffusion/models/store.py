@@ -47,13 +47,12 @@ def load_model(model_dir: str | Path, device="cpu", latents=None, vae=None):
     """
     from safetensors.torch import load_file
 
-    from diffusion.config import DiTConfig, TrainConfig, UNetConfig
+    from diffusion.config import TrainConfig, parse_section
 
     d = require_model(model_dir)
     meta = json.loads((d / MODEL_CONFIG).read_text())
-    saved = meta["train"]
-    train_cfg = TrainConfig(**{k: v for k, v in saved.items() if k not in ("unet", "dit")},
-                            unet=UNetConfig(**saved["unet"]), dit=DiTConfig(**saved.get("dit", {})))
+    # params.yaml's parser: keys added since the model was written take their defaults
+    train_cfg = parse_section(TrainConfig, meta["train"], "train", source=str(d / MODEL_CONFIG))
     channels = meta["latents"]["channels"] if "latents" in meta else 3
     den = build_denoiser(train_cfg, meta["text_dim"], meta["pooled_dim"], in_channels=channels)
     den.net.load_state_dict(load_file(str(d / MODEL_WEIGHTS)))
