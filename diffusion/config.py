@@ -395,8 +395,8 @@ SIZE_PRESETS: dict[str, dict] = {
 # cosine); bigger ones need smaller steps: on an H200, train.size base at 1e-3 collapsed to a
 # constant output (loss 1.0) within 100 steps and trained at 1e-4. A custom UNet takes 2e-3: the
 # narrow default (params.yaml, 1.7M parameters) drew held-out combinations as well as the 48-wide
-# network (tiny) at it, and worse at 1e-3 (README, "Halving the default's training compute"); a
-# custom DiT keeps 1e-3 (CUSTOM_DIT_LR): 2e-3 was not tried on it.
+# network (tiny) at it, and worse at 1e-3 (docs/results.md, "Halving the default's training
+# compute"); a custom DiT keeps 1e-3 (CUSTOM_DIT_LR): 2e-3 was not tried on it.
 SIZE_LR: dict[str, float] = {"custom": 2.0e-3, "tiny": 1.0e-3, "small": 3.0e-4, "base": 1.0e-4}
 CUSTOM_DIT_LR = 1.0e-3
 
