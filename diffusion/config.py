@@ -234,6 +234,7 @@ class UNetConfig:
 
     def check(self, key: str) -> None:
         """Attention levels, up blocks and widths the network can be built with."""
+        _at_least_one(self, key, "heads", "patch")  # divisors below (and in check_fits)
         n_levels = len(self.channel_mult)
         if any(not 0 <= lvl < n_levels for lvl in self.attn_levels):
             raise ConfigError(f"{key}.attn_levels must index channel_mult (0..{n_levels - 1})")
@@ -259,6 +260,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
 
     def check(self, key: str) -> None:
+        _at_least_one(self, key, "heads")  # a divisor below
         if self.width % self.heads or self.width % 4 or self.depth < 1 or self.patch < 1:
             raise ConfigError(f"{key}: width must divide by heads and by 4 (2D positions), depth and patch "
                               "must be >= 1")
