@@ -11,8 +11,12 @@ params.yaml spells every key out so that DVC can track each one.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import io
 import itertools
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,13 +47,15 @@ def _at_least_one(section: Any, key: str, *names: str) -> None:
 class DatasetConfig:
     """The built-in shapes dataset (diffusion.data.shapes)."""
 
-    seed: int = 0
+    seed: int = 0  # each image and its caption are drawn from (seed, split, index)
     image_size: int = 16  # px; 16 is what a 2-core CPU can learn well in ~10 minutes
-    n_train: int = 20000
-    n_val: int = 2000
+    n_train: int = 20000  # images rendered for the train split
+    n_val: int = 2000  # images rendered for the val split (the judge's and the metrics' real images)
     supersample: int = 8  # render at image_size*supersample, then area-downsample (anti-aliasing)
-    background: list[int] = field(default_factory=lambda: [245, 245, 245])
+    background: list[int] = field(default_factory=lambda: [245, 245, 245])  # RGB of the canvas
+    # any of circle, square, triangle, diamond, cross
     shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    # colour name (the caption's word) -> RGB
     colors: dict[str, list[int]] = field(
         default_factory=lambda: {
             "red": [220, 38, 38],
@@ -120,6 +126,7 @@ class DownloadConfig:
     backoff: float = 0.5  # seconds before the first retry; doubles each time
     max_bytes: int = 20_000_000  # responses larger than this are dropped (byte_cap)
     concurrency: int = 32  # downloads in flight per worker
+    # sent with every request; its product token (t2i-diffusion) is the bot X-Robots-Tag rules name
     user_agent: str = "t2i-diffusion/0.1 (+https://github.com/t2i-diffusion)"
     # X-Robots-Tag directives that opt an image out (img2dataset's defaults); [] disables the check
     disallowed_header_directives: list[str] = field(
@@ -129,6 +136,9 @@ class DownloadConfig:
 
 @dataclass(frozen=True)
 class IngestConfig:
+    """Where the images and captions come from and how they become WebDataset shards
+    (diffusion.data.ingest); the built-in set is rendered from the dataset section."""
+
     source: str = "builtin"  # builtin | folder | table | webdataset | urls
     path: Optional[str] = None  # folder root, table file, shard URL(s)/glob, or URL list; unused by builtin
     caption_column: str = "caption"  # table/urls: caption column; folder/webdataset: caption field in .json
@@ -142,7 +152,7 @@ class IngestConfig:
     background: list[int] = field(default_factory=lambda: [255, 255, 255])  # transparency and padding
     image_format: str = "png"  # png keeps the built-in colours exact; jpg/webp for photos
     quality: int = 95  # jpg/webp
-    caption_max_chars: int = 512
+    caption_max_chars: int = 512  # longer captions are cut, at a word boundary if that keeps 80% of them
     caption_errors: str = "replace"  # non-UTF-8 caption bytes: replace (U+FFFD) or reject (bad_encoding)
     keep_empty_captions: bool = False  # true: keep them (unconditional training); false: empty_caption
     dedupe: bool = True  # drop exact duplicates of the decoded, resized image (duplicate)
@@ -170,7 +180,7 @@ class LatentsConfig:
     config: Optional[str] = None  # single file: its architecture (diffusers folder or hub id); offline, required
     scaling_factor: Optional[float] = None  # null: the VAE config's (0.18215 for Stable Diffusion)
     dtype: str = "auto"  # encode/decode compute: auto (CPU float32; CUDA float16, or bfloat16 if force_upcast)
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda (auto: CUDA when present)
     batch_size: int = 32  # images per encoder (and decoder) call
 
     def check(self, key: str) -> None:
@@ -181,6 +191,9 @@ class LatentsConfig:
 
 @dataclass(frozen=True)
 class EmbedConfig:
+    """The caption encoder (diffusion.data.text): an open_clip text tower; the embed stage encodes
+    every caption once and training reads the stored states."""
+
     model: str = "ViT-S-32-alt"  # any open_clip architecture with a CLIP text transformer
     pretrained: Optional[str] = None  # null: seeded random init; a tag (laion2b_s34b_b79k) or a file
     seed: int = 0  # seed of the random initialisation when pretrained is null
@@ -188,8 +201,8 @@ class EmbedConfig:
     # word's vector, the same in any sentence; pooled = their mean); auto: token_embedding for the
     # random tower, last for pretrained weights (diffusion.data.text.resolve_layer)
     layer: str = "auto"
-    batch_size: int = 256
-    device: str = "auto"
+    batch_size: int = 256  # captions per text-encoder call
+    device: str = "auto"  # auto | cpu | cuda
 
     def check(self, key: str) -> None:
         _at_least_one(self, key, "batch_size")
@@ -197,13 +210,16 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    seed: int = 0
+    """The judge (diffusion.evaluation.judge): a small CNN trained on rendered images to read each
+    attribute back; adherence is how often it reads a generated image's prompt."""
+
+    seed: int = 0  # initialisation and batch order
     n_images: int = 20000  # rendered from every combination (the judge is a measuring instrument)
-    steps: int = 1000
-    batch_size: int = 128
-    lr: float = 2.0e-3
-    width: int = 32
-    device: str = "auto"
+    steps: int = 1000  # optimizer steps (AdamW, one-cycle schedule)
+    batch_size: int = 128  # images per step
+    lr: float = 2.0e-3  # peak learning rate of the one-cycle schedule
+    width: int = 32  # channels of the first conv block (2x and 4x in the next two)
+    device: str = "auto"  # auto | cpu | cuda
 
     def check(self, key: str) -> None:
         _at_least_one(self, key, "steps")
@@ -211,13 +227,17 @@ class JudgeConfig:
 
 @dataclass(frozen=True)
 class UNetConfig:
+    """The UNet denoiser (diffusion.models.unet), the default network: ResNet blocks at each level,
+    self- and cross-attention at attn_levels. A train.size other than custom replaces it."""
+
     channels: int = 48  # width at the first (space-to-depth) level
+    # each level's width as a multiple of channels; the side halves from one level to the next
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
-    blocks_per_level: int = 1
+    blocks_per_level: int = 1  # ResNet blocks a level on the way down
     attn_levels: list[int] = field(default_factory=lambda: [1, 2])  # levels with self+cross attn
-    heads: int = 4
+    heads: int = 4  # attention heads
     patch: int = 2  # space-to-depth fold before the first conv (2: 2x2 pixels -> 12 channels)
-    dropout: float = 0.0
+    dropout: float = 0.0  # in the ResNet blocks
     # blocks a level on the way up; null: blocks_per_level + 1 (ADM's UNet, diffusers' up blocks)
     up_blocks: Optional[int] = None
     # nearest_conv: nearest 2x, then a 3x3 conv (ADM, diffusers); conv_nearest: a 3x3 conv at the
@@ -251,13 +271,14 @@ class UNetConfig:
 @dataclass(frozen=True)
 class DiTConfig:
     """A transformer denoiser (diffusion.models.dit): patches of the image (or latent) as tokens, adaLN
-    conditioning on the timestep + pooled text, cross-attention to the caption tokens."""
+    conditioning on the timestep + pooled text, cross-attention to the caption tokens. A train.size
+    other than custom replaces it."""
 
-    width: int = 384
-    depth: int = 12
-    heads: int = 6
-    patch: int = 2
-    mlp_ratio: float = 4.0
+    width: int = 384  # token width
+    depth: int = 12  # transformer blocks
+    heads: int = 6  # attention heads
+    patch: int = 2  # side of the square of pixels (or latents) that makes one token
+    mlp_ratio: float = 4.0  # MLP hidden width as a multiple of width
 
     def check(self, key: str) -> None:
         _at_least_one(self, key, "heads")  # a divisor below
@@ -268,17 +289,20 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
+    """Training the denoiser (diffusion.training.train): the optimizer, the objective, checkpoints,
+    the GPU path and torchrun; train.unet and train.dit are the networks."""
+
+    seed: int = 0  # initialisation, data order and noise draws (each process offsets its own)
     device: str = "auto"  # auto: CUDA when present, else the CPU
-    steps: int = 2000
+    steps: int = 2000  # optimizer steps
     batch_size: int = 64  # the global batch: split over torchrun processes and gradient-accumulation steps
     grad_accum: int = 1  # micro-batches per optimizer step (each batch_size / (processes * grad_accum))
     # null: the rate of train.size and denoiser (size_lr; the rates and why are at SIZE_LR)
     lr: Optional[float] = None
     lr_schedule: str = "cosine"  # cosine | constant (both after linear warmup)
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup_steps: int = 200  # the rate rises linearly to lr over these steps
+    weight_decay: float = 0.0  # AdamW's
+    grad_clip: float = 1.0  # the gradients' global norm is clipped to this
     # the EMA's decay at each step is min(ema_decay, (1 + step) / (10 + step)): the warm-up term,
     # not ema_decay, sets it below about 9000 steps for 0.999 (0.9955 at step 2000)
     ema_decay: float = 0.999
@@ -287,37 +311,38 @@ class TrainConfig:
     # words of a prompt the model never saw would add: it learns to read past them (tables of word
     # vectors only, embed.layer token_embedding; off for contextual states); 0: the seed's captions
     unseen_words: float = 0.0
-    unseen_words_max: int = 3
+    unseen_words_max: int = 3  # most extra word vectors one caption gets
     # objective: the seed's DDPM (linear betas, epsilon prediction, MSE) ...
-    timesteps: int = 1000
-    beta_min: float = 1.0e-4
-    beta_max: float = 0.02
-    prediction: str = "eps"  # eps | v
+
+    timesteps: int = 1000  # T: the noise levels of the DDPM schedule
+    beta_min: float = 1.0e-4  # the linear betas' first ...
+    beta_max: float = 0.02  # ... and last
+    prediction: str = "eps"  # eps | v: the network predicts the noise, or v (Salimans & Ho 2022)
     # "none" is the seed's plain MSE; "min_snr" weights timesteps by min-SNR-gamma (Hang et al. 2023)
     loss_weighting: str = "none"
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = 5.0  # min_snr: w = min(SNR, gamma) / SNR (/ (SNR + 1) for v)
     # latent models: "posterior" draws z = mean + std * noise from the stored distribution at each
     # step (diffusers' training scripts); "mean" uses the mean
     latent_sampling: str = "posterior"
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # samples held to shuffle the shard stream
     data_workers: int = 1  # DataLoader processes decoding shards beside the training step (per process); 0: inline
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500  # steps between checkpoints (where a killed run resumes)
     keep_checkpoints: int = 2  # checkpoint.pt (the newest) and the K-1 before it (checkpoint-<step>.pt)
-    log_every: int = 50
+    log_every: int = 50  # steps between logged metrics
     # every N steps rank 0 draws the EMA's sample grid (the train stage's captions and seeds) and logs
     # it to MLflow as train_samples/step_<N>.png, to watch a long run; 0: only the finished model's
     sample_every: int = 0
     threads: int = 0  # torch CPU threads; 0 = torch's default
-    # the GPU path: auto = bf16 autocast on CUDA, fp32 on the CPU; fp16 trains with a grad scaler
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    # auto | fp32 | bf16 | fp16, the GPU path: auto = bf16 autocast on CUDA, fp32 on the CPU; fp16
+    # trains with a grad scaler
+    precision: str = "auto"
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions
     channels_last: bool = True  # CUDA: NHWC memory format for the UNet's convolutions
     compile: bool = False  # torch.compile the network (minutes of compile; pays off on long GPU runs)
-    # torchrun: processes per node (GPUs) and nodes; several nodes meet at rdzv_endpoint (c10d)
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    rdzv_endpoint: str = "127.0.0.1:29400"
-    rdzv_id: str = "t2i-train"
+    nproc_per_node: int = 1  # torchrun: processes (GPUs) per node
+    nnodes: int = 1  # torchrun: nodes; several meet at rdzv_endpoint (c10d rendezvous)
+    rdzv_endpoint: str = "127.0.0.1:29400"  # host:port of the rendezvous, the same on every node
+    rdzv_id: str = "t2i-train"  # the run's id at the rendezvous: nodes with the same id train together
     denoiser: str = "unet"  # unet | dit (diffusion.models.dit): the network behind the same denoiser contract
     # custom: train.unet / train.dit as written; tiny (a 3.6M UNet, 48 wide) | small (~30M) | base
     # (~110M): SIZE_PRESETS replaces both (any resolution that is a multiple of 16)
@@ -362,7 +387,7 @@ class SampleConfig:
     steps: int = 20  # noise levels visited (heun evaluates the network 2 * steps - 1 times)
     spacing: str = "karras"  # karras | uniform | trailing (diffusion.models.schedules.sampling_sigmas)
     eta: Optional[float] = None  # ddim/euler/dpmpp_2m_sde noise: null = the sampler's default (sde 1, else 0)
-    guidance_scale: float = 4.0
+    guidance_scale: float = 4.0  # classifier-free guidance D_u + s * (D_c - D_u); 1: the conditional alone
     # [sigma_lo, sigma_hi]: guidance only at noise levels inside (Kynkaanniemi et al. 2024); null: all
     guidance_interval: Optional[list[float]] = None
     clip_denoised: bool = True  # clamp x0_hat to the data range [-1, 1] at every evaluation
@@ -370,9 +395,9 @@ class SampleConfig:
     new_wording_per_combo: int = 2  # built-in set: images per combination in held-out wording (captions.HELD_OUT)
     partial_per_combo: int = 1  # built-in set: images per combination from prompts naming only some attributes
     n_prompts: int = 256  # other sources: this many validation captions
-    seed: int = 0
-    batch_size: int = 256
-    device: str = "auto"
+    seed: int = 0  # image i is drawn from seed + i (whatever batch it falls in)
+    batch_size: int = 256  # images per sampler call
+    device: str = "auto"  # auto | cpu | cuda
     grid_size: int = 24  # images in the sample grid PNG
 
     def check(self, key: str) -> None:
@@ -442,10 +467,10 @@ class EvaluateConfig:
     clip_model: str = "ViT-B-32"  # CLIP score: an open_clip architecture ...
     clip_pretrained: Optional[str] = None  # ... and its weights: a tag (only if cached) or a local file
     real_images: int = 2000  # real validation images for the reference statistics (cached by fingerprint)
-    kid_subset_size: int = 1000
+    kid_subset_size: int = 1000  # images per KID subset (torch-fidelity's default)
     cache_dir: Optional[str] = None  # reference statistics; null: ~/.cache/t2i-diffusion/eval
-    batch_size: int = 64
-    device: str = "auto"
+    batch_size: int = 64  # images per Inception or CLIP call
+    device: str = "auto"  # auto | cpu | cuda
 
 
 @dataclass(frozen=True)
@@ -453,14 +478,16 @@ class SweepConfig:
     """The quality-vs-cost map (t2i sweep / the sweep DVC stage): every sampler at every step count,
     then guidance scales at the sample section's sampler, scored like the evaluate stage."""
 
+    # the samplers compared (any of sample.sampler's choices)
     samplers: list[str] = field(default_factory=lambda: ["ddpm", "ddim", "heun", "dpmpp_2m", "dpmpp_2m_sde"])
-    steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])
+    steps: list[int] = field(default_factory=lambda: [5, 10, 20, 50, 100])  # step counts each sampler runs
     spacing: str = "karras"  # the spacing of the sampler sweep (the uniform DDPM-1000 point is added)
     reference_steps: int = 1000  # ddpm ancestral over every timestep: the reference point; 0: none
+    # guidance scales tried at the sample section's sampler and steps
     guidance_scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 3.0, 4.0, 6.0, 8.0])
     per_combo: int = 1  # images per attribute combination at each point (built-in set)
     n_prompts: int = 128  # other sources: validation captions per point
-    seed: int = 0
+    seed: int = 0  # image i of every point is drawn from seed + i, so points differ only in their settings
 
     def check(self, key: str) -> None:
         for name in self.samplers:
@@ -470,7 +497,9 @@ class SweepConfig:
 
 @dataclass(frozen=True)
 class RegisterConfig:
-    model_name: str = "t2i-shapes"
+    """The MLflow registered model (t2i register adds each trained model as a new version)."""
+
+    model_name: str = "t2i-shapes"  # the registered model's name
 
 
 @dataclass(frozen=True)
@@ -478,7 +507,7 @@ class PromoteConfig:
     """The promotion policy: when a new version takes the alias from the current champion."""
 
     auto: bool = True  # the pipeline's promote stage applies the policy to each new version
-    alias: str = "champion"
+    alias: str = "champion"  # the alias the winner takes (batch.model_uri names it)
     metric: str = "adherence.held_out.all"  # a metric tag of the versions (as in reports/metrics.json)
     direction: str = "maximize"  # maximize | minimize
     min_margin: float = 0.01  # the candidate must beat the champion by at least this much
@@ -493,7 +522,7 @@ class BatchConfig:
     output_dir: str = "data/batches"  # batches land in <output_dir>/<YYYY-MM-DD>/<run name>/
     batch_size: int = 64  # images generated (and committed) together; a kill loses at most one batch
     seed: int = 0  # rows without a seed get seed + their row number
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
     contact_sheet_size: int = 48  # images on the contact sheet
 
     def check(self, key: str) -> None:
@@ -502,12 +531,16 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class MlflowConfig:
+    """Where runs and registered models are kept (diffusion.registry.tracking)."""
+
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI in the environment wins
-    experiment: str = "t2i-shapes"
+    experiment: str = "t2i-shapes"  # the experiment runs are logged under
 
 
 @dataclass(frozen=True)
 class Params:
+    """The whole of params.yaml: one field a section."""
+
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     latents: LatentsConfig = field(default_factory=LatentsConfig)
@@ -742,3 +775,138 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Reference: every key with its type, default and meaning (t2i params, docs/configuration.md).
+# A field's meaning is the comment at the end of its line, or the comment lines right above it
+# (both, joined, if it has both); a comment block parted from the field by a blank line is a
+# heading and belongs to no field. A section's meaning is its class docstring.
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One params.yaml key as ``t2i params`` prints it."""
+
+    key: str  # dotted: train.unet.channels
+    type: str  # the annotation as written in this file: Optional[int]
+    default: str  # as YAML writes it: null, [1, 2, 2], auto
+    doc: str  # the field's comment, on one line
+
+
+@dataclass(frozen=True)
+class SectionDoc:
+    """One section (``train.unet`` for a nested one) and its keys."""
+
+    key: str
+    doc: str  # the class docstring, on one line
+    keys: tuple[KeyDoc, ...]
+
+
+def comment_docs(source: str) -> dict[str, tuple[str, dict[str, str]]]:
+    """{class name: (its docstring, {field: its comment})} for the classes of a module's ``source``,
+    each on one line (the rules are above this section's first class)."""
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    own_line = {n for n in comments if lines[n - 1].lstrip().startswith("#")}
+    docs = {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = {}
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                above, n = [], stmt.lineno - 1
+                while n in own_line:  # the block right above, up to a blank line or code
+                    above.insert(0, comments[n])
+                    n -= 1
+                beside = [comments[n] for n in range(stmt.lineno, stmt.end_lineno + 1)
+                          if n in comments and n not in own_line]
+                fields[stmt.target.id] = " ".join(above + beside)
+        docs[node.name] = (" ".join((ast.get_docstring(node) or "").split()), fields)
+    return docs
+
+
+@functools.lru_cache(maxsize=1)
+def _source_docs() -> dict[str, tuple[str, dict[str, str]]]:
+    return comment_docs(Path(__file__).read_text())
+
+
+def _yaml(value: Any) -> str:
+    """``value`` as it would stand in params.yaml: flow style, one line."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20, sort_keys=False).strip()
+    return text.removesuffix("...").strip()
+
+
+def _reference(cls: type, key: str) -> list[SectionDoc]:
+    """``cls``'s section, then its nested sections (``train``, ``train.unet``, ``train.dit``)."""
+    class_doc, field_docs = _source_docs()[cls.__name__]
+    hints = typing.get_type_hints(cls)
+    rows, nested = [], []
+    for f in dataclasses.fields(cls):
+        dotted = f"{key}.{f.name}" if key else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            nested += _reference(hints[f.name], dotted)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(KeyDoc(dotted, str(f.type), _yaml(default), field_docs.get(f.name, "")))
+    return ([SectionDoc(key, class_doc, tuple(rows))] if key else []) + nested
+
+
+def params_reference(section: str | None = None) -> list[SectionDoc]:
+    """Every section of params.yaml (or ``section`` and the sections inside it) with each key's
+    type, default and meaning, read from the dataclasses above and the comments beside them."""
+    sections = _reference(Params, "")
+    if section is None:
+        return sections
+    chosen = [s for s in sections if s.key == section or s.key.startswith(section + ".")]
+    if not chosen:
+        raise ConfigError(f"unknown section {section} (sections: {', '.join(s.key for s in sections)})")
+    return chosen
+
+
+def reference_text(sections: list[SectionDoc]) -> str:
+    """``t2i params``: each section's line, then its keys' type, default and meaning in columns."""
+    out = []
+    for s in sections:
+        w_key, w_type = max(len(r.key) for r in s.keys), max(len(r.type) for r in s.keys)
+        w_default = min(24, max(len(r.default) for r in s.keys))  # longer: the meaning on the next line
+        out += ["", f"{s.key}: {s.doc}"]
+        for r in s.keys:
+            head = f"  {r.key:<{w_key}}  {r.type:<{w_type}}  "
+            if len(r.default) <= w_default:
+                out.append(f"{head}{r.default:<{w_default}}  {r.doc}")
+            else:
+                out += [head + r.default, " " * (len(head) + w_default + 2) + r.doc]
+    return "\n".join(out[1:]) + "\n"
+
+
+REFERENCE_HEADER = """\
+# Configuration reference
+
+Generated by `t2i params --markdown > docs/configuration.md` from the dataclasses in
+`diffusion/config.py` and the comment beside each field. Do not edit this page by hand: change the
+comment and run the command again (tests/test_params_reference.py fails while the page is stale).
+
+Every key has a default, so a section of params.yaml may list only the keys it changes (the shipped
+params.yaml spells each one out so that DVC tracks it). `t2i params [SECTION]` prints the same
+reference in the terminal.
+"""
+
+
+def reference_markdown(sections: list[SectionDoc]) -> str:
+    """docs/configuration.md: the header, then a table a section."""
+
+    def code(text: str) -> str:  # in a table cell a | ends the cell, even inside backticks
+        return "`" + text.replace("|", "\\|") + "`"
+
+    def text(doc: str) -> str:  # and outside them <x> would be an HTML tag and * emphasis
+        return doc.replace("|", "\\|").replace("<", "\\<").replace("*", "\\*")
+
+    out = [REFERENCE_HEADER]
+    for s in sections:
+        out += [f"## {s.key}", "", s.doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += [f"| {code(r.key)} | {code(r.type)} | {code(r.default)} | {text(r.doc)} |" for r in s.keys]
+        out.append("")
+    return "\n".join(out)

@@ -17,8 +17,10 @@
     t2i rollback [--model-name NAME]           move @champion back to the previous champion
     t2i lineage  [URI]                          git commit, data hashes, params, evaluation of a version
 
-Every command takes ``--params params.yaml`` and ``-s section.key=value`` overrides. Problems the
-user can fix (a params key, a missing input, an unknown model) print one line and exit with 2.
+    t2i params   [SECTION] [--markdown]         every params.yaml key: type, default, meaning
+
+Every command but ``params`` takes ``--params params.yaml`` and ``-s section.key=value`` overrides.
+Problems the user can fix (a params key, a missing input, an unknown model) print one line and exit with 2.
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     add("sweep", "quality against cost: every sampler and step count, then guidance scales",
         "shards", "model", "judge", "out")
     add("register", "log the model to MLflow and register a new version", "model", "metrics", "out")
+    _add_registry_commands(add)
+    p = sub.add_parser("pipeline", parents=[common], help="run the whole pipeline (train-flow, dvc repro)")
+    p.add_argument("--stage", action="append", dest="stages", choices=STAGES + OPTIONAL_STAGES,
+                   help="only this stage (repeatable)")
+    p.add_argument("--force", action="store_true", help="rerun even if DVC finds nothing changed")
+    sub.add_parser("summary", parents=[common], help="where the outputs are and how to open the UIs")
+    p = sub.add_parser("params", help="every params.yaml key with its type, default and meaning")
+    p.add_argument("section", nargs="?", help="only this section and the ones inside it, e.g. train")
+    p.add_argument("--markdown", action="store_true", help="the docs page (docs/configuration.md)")
+    return ap
+
+
+def _add_registry_commands(add: Callable) -> None:
+    """promote, rollback, lineage and generate: the commands that work on registered versions."""
     p = add("promote", "apply the promotion policy: move @champion to a version if it wins")
     p.add_argument("--registered", help="the register stage's record (the pipeline's candidate)")
     p.add_argument("--out", help="write the decision here (JSON)")
@@ -89,12 +105,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, help="override the model's guidance scale")
     p.add_argument("--steps", type=int, help="override the model's sampling steps")
     p.add_argument("--sampler", choices=CHOICES["sample.sampler"], help="override the model's sampler")
-    p = sub.add_parser("pipeline", parents=[common], help="run the whole pipeline (train-flow, dvc repro)")
-    p.add_argument("--stage", action="append", dest="stages", choices=STAGES + OPTIONAL_STAGES,
-                   help="only this stage (repeatable)")
-    p.add_argument("--force", action="store_true", help="rerun even if DVC finds nothing changed")
-    sub.add_parser("summary", parents=[common], help="where the outputs are and how to open the UIs")
-    return ap
 
 
 # What each stage needs to exist before it starts: (argument, what it is, stage that makes it)
@@ -250,9 +260,21 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
+def _params(args: argparse.Namespace) -> None:
+    """The configuration reference, from the dataclasses of diffusion.config (no params file read)."""
+    from diffusion.config import params_reference, reference_markdown, reference_text
+
+    sections = params_reference(args.section)
+    print((reference_markdown if args.markdown else reference_text)(sections), end="")
+
+
 def _run(args: argparse.Namespace) -> None:
     from diffusion.artifacts import require
     from diffusion.config import load_params
+
+    if args.command == "params":
+        _params(args)
+        return
 
     overrides = list(args.overrides)
     if getattr(args, "source", None):
