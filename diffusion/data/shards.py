@@ -180,21 +180,9 @@ def tar_files(stream, where: str) -> Iterator[tuple[str, bytes]]:
     pending: dict[str, str] = {}  # a pax 'x' header's or a GNU long name's fields for the next member
     defaults: dict[str, str] = {}  # pax 'g' headers: for every following member
     while True:
-        hdr = read(_BLOCK)
-        if len(hdr) < _BLOCK:
-            if not hdr:
-                return  # no end-of-archive blocks: the members before still count (as tarfile reads them)
-            _refuse_compressed(hdr, offset, where)
-            raise ShardReadError(f"{where}: truncated at byte {offset + len(hdr)} (a tar header needs {_BLOCK})")
-        if hdr == _END:
+        hdr = _tar_header(read, offset, where)
+        if hdr is None:
             return
-        try:
-            chksum = _tar_int(hdr[148:156], where)
-        except ShardReadError:
-            chksum = -1  # not even a number: reported as a bad checksum below
-        if chksum != sum(hdr) - sum(hdr[148:156]) + 256 and chksum != sum(struct.unpack_from("148b8x356b", hdr)) + 256:
-            _refuse_compressed(hdr, offset, where)
-            raise ShardReadError(f"{where}: bad tar header checksum at byte {offset} (not a tar file, or corrupt)")
         type_ = hdr[156:157]
         size = _tar_int(hdr[124:136], where)
         fields = {**defaults, **pending} if (pending or defaults) else None
@@ -222,16 +210,43 @@ def tar_files(stream, where: str) -> Iterator[tuple[str, bytes]]:
         if type_ == b"S":
             raise ShardReadError(f"{where}: sparse file member at byte {offset - stored - _BLOCK} (not a shard member)")
         pending = {}
-        if fields and fields.get("path"):
-            name = fields["path"]
-        else:
-            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = hdr[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        name = _member_name(hdr, fields)
         if type_ in _REGULAR and not (type_ == b"\0" and name.endswith("/")):
             yield name, data[:size] if stored != size else data
         # anything else (links, directories, devices, unknown types) is skipped as tarfile skips it
+
+
+def _tar_header(read, offset: int, where: str) -> bytes | None:
+    """The tar header block at byte ``offset`` (``read`` is the stream's), its checksum checked;
+    None at the end of the archive."""
+    hdr = read(_BLOCK)
+    if len(hdr) < _BLOCK:
+        if not hdr:
+            return None  # no end-of-archive blocks: the members before still count (as tarfile reads them)
+        _refuse_compressed(hdr, offset, where)
+        raise ShardReadError(f"{where}: truncated at byte {offset + len(hdr)} (a tar header needs {_BLOCK})")
+    if hdr == _END:
+        return None
+    try:
+        chksum = _tar_int(hdr[148:156], where)
+    except ShardReadError:
+        chksum = -1  # not even a number: reported as a bad checksum below
+    if chksum != sum(hdr) - sum(hdr[148:156]) + 256 and chksum != sum(struct.unpack_from("148b8x356b", hdr)) + 256:
+        _refuse_compressed(hdr, offset, where)
+        raise ShardReadError(f"{where}: bad tar header checksum at byte {offset} (not a tar file, or corrupt)")
+    return hdr
+
+
+def _member_name(hdr: bytes, fields: dict[str, str] | None) -> str:
+    """A member's name: the pax or GNU long name in ``fields`` where there is one, else the
+    header's ustar prefix and name."""
+    if fields and fields.get("path"):
+        return fields["path"]
+    name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    prefix = hdr[345:500].split(b"\0", 1)[0]
+    if prefix:
+        name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+    return name
 
 
 def _open_shard(url: str):
