@@ -88,41 +88,7 @@ def read_prompts(path: str | Path) -> Prompts:
     if suffix not in PROMPT_FORMATS:
         raise T2IError(f"{path}: prompts must be {', '.join(PROMPT_FORMATS)}, got {suffix or 'no extension'}")
     data = path.read_bytes()
-    records: list[dict] = []
-    if suffix == ".parquet":
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-            raise T2IError(f"{path}: not a readable parquet file ({e})") from None
-        records = table.to_pylist()
-        columns = table.column_names
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            raise T2IError(f"{path}: line {line} is not UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
-        if suffix == ".txt":
-            records = [{"prompt": line} for line in text.splitlines()]
-            columns = ["prompt"]
-        elif suffix == ".csv":
-            reader = csv.DictReader(io.StringIO(text))
-            columns = [c.strip() for c in reader.fieldnames or []]
-            records = [{(k or "").strip(): v for k, v in r.items()} for r in reader]
-        else:
-            columns = set()
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    records.append({"prompt": None})
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise T2IError(f"{path}: line {n} is not JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise T2IError(f"{path}: line {n} is not a JSON object")
-                records.append(obj)
-                columns |= set(obj)
+    records, columns = _records(path, suffix, data)
     if "prompt" not in columns:
         raise T2IError(f"{path}: no 'prompt' column (columns: {', '.join(sorted(columns)) or 'none'})")
     rows, skipped = [], {}
@@ -141,6 +107,49 @@ def read_prompts(path: str | Path) -> Prompts:
     if not rows:
         raise T2IError(f"{path}: no prompts (empty file{', ' + str(skipped) if skipped else ''})")
     return Prompts(rows, skipped, hashlib.sha256(data).hexdigest())
+
+
+def _records(path: Path, suffix: str, data: bytes) -> tuple[list[dict], list[str] | set[str]]:
+    """(records, columns) of a prompts file's bytes in the format its ``suffix`` names: a dict per
+    line or row (a blank JSONL line gives ``{"prompt": None}``) and the column names found."""
+    if suffix == ".parquet":
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise T2IError(f"{path}: not a readable parquet file ({e})") from None
+        return table.to_pylist(), table.column_names
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise T2IError(f"{path}: line {line} is not UTF-8 (byte {data[e.start]:#04x}); save the file as UTF-8") from None
+    if suffix == ".txt":
+        return [{"prompt": line} for line in text.splitlines()], ["prompt"]
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        columns = [c.strip() for c in reader.fieldnames or []]
+        return [{(k or "").strip(): v for k, v in r.items()} for r in reader], columns
+    return _jsonl_records(path, text)
+
+
+def _jsonl_records(path: Path, text: str) -> tuple[list[dict], set[str]]:
+    """(records, columns) of a JSONL file: one JSON object a line, ``{"prompt": None}`` for a blank
+    one; the columns are every key any object has."""
+    records: list[dict] = []
+    columns = set()
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            records.append({"prompt": None})
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise T2IError(f"{path}: line {n} is not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise T2IError(f"{path}: line {n} is not a JSON object")
+        records.append(obj)
+        columns |= set(obj)
+    return records, columns
 
 
 # ---------------------------------------------------------------------------------------------
