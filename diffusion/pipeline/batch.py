@@ -315,9 +315,6 @@ def generate_batch(gen: Generator, rows: list[dict], out_dir: str | Path, *, bat
                    contact_sheet_size: int = 48, progress: bool = True, log=print) -> dict:
     """Draw every row of ``rows`` (from ``plan_rows``) into ``out_dir``, resuming what is there.
     Returns a summary: counts, images/s, the model, the paths."""
-    from diffusion.sampling.generate import encode_prompts, generate, make_grid
-    from diffusion.registry.pyfunc import png_bytes
-
     out = Path(out_dir)
     (out / art.IMAGES).mkdir(parents=True, exist_ok=True)
     (out / PARTS).mkdir(exist_ok=True)
@@ -337,20 +334,7 @@ def generate_batch(gen: Generator, rows: list[dict], out_dir: str | Path, *, bat
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress, mininterval=1.0)
     t0, drawn = time.perf_counter(), 0
     for chunk in chunks:
-        first = chunk[0]
-        settings = replace(gen.settings, sampler=first["sampler"], spacing=first["spacing"], steps=first["steps"],
-                           guidance_scale=first["guidance_scale"], eta=first["eta"], batch_size=len(chunk))
-        negatives = [r["negative_prompt"] for r in chunk]
-        cond, uncond = encode_prompts(gen.encoder, [r["prompt"] for r in chunk], negatives=negatives)
-        images = generate(gen.denoiser, cond, uncond, [r["seed"] for r in chunk], size, settings)
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        records = []
-        for r, img in zip(chunk, images):
-            data = png_bytes(img)
-            name = f"{art.IMAGES}/{r['index']:06d}.png"
-            art.atomic_write_bytes(out / name, data)
-            records.append({**r, "model_name": gen.name, "model_version": gen.version, "run_id": gen.run_id,
-                            "file": name, "sha256": hashlib.sha256(data).hexdigest(), "time": stamp})
+        records = _draw_chunk(gen, chunk, size, out)
         art.write_manifest(records, out / PARTS / f"part-{chunk[0]['index']:06d}.parquet", MANIFEST_SCHEMA)
         done.update({r["index"]: r for r in records})
         drawn += len(chunk)
@@ -360,18 +344,49 @@ def generate_batch(gen: Generator, rows: list[dict], out_dir: str | Path, *, bat
     seconds = time.perf_counter() - t0
     final = [done[r["index"]] for r in rows]
     art.write_manifest(final, out / art.MANIFEST, MANIFEST_SCHEMA)
-    pick = list(range(0, len(final), max(1, math.ceil(len(final) / contact_sheet_size))))[:contact_sheet_size]
-    from PIL import Image
-
-    sheet = make_grid([np.asarray(Image.open(out / final[i]["file"]).convert("RGB")) for i in pick],
-                      [final[i]["prompt"] for i in pick], cols=8)
-    art.atomic_write_bytes(out / CONTACT_SHEET, _png(sheet))
+    _write_contact_sheet(out, final, contact_sheet_size)
     summary = {"out": str(out), "images": len(final), "drawn": drawn, "resumed": len(final) - drawn,
                "seconds": round(seconds, 3), "images_per_s": round(drawn / seconds, 3) if drawn and seconds else None,
                **gen.identity, "manifest": str(out / art.MANIFEST), "contact_sheet": str(out / CONTACT_SHEET)}
     log(f"batch done: {len(final)} images ({drawn} drawn, {len(final) - drawn} kept) from {gen.name} "
         f"version {gen.version} in {seconds:.1f} s -> {out}")
     return summary
+
+
+def _draw_chunk(gen: Generator, chunk: list[dict], size: int, out: Path) -> list[dict]:
+    """Draw one chunk of rows that share their settings (one sampler call), ``size`` pixels square,
+    and write each image under ``out``; returns their manifest rows (the row, the model, the file,
+    its sha256, the time)."""
+    from diffusion.sampling.generate import encode_prompts, generate
+    from diffusion.registry.pyfunc import png_bytes
+
+    first = chunk[0]
+    settings = replace(gen.settings, sampler=first["sampler"], spacing=first["spacing"], steps=first["steps"],
+                       guidance_scale=first["guidance_scale"], eta=first["eta"], batch_size=len(chunk))
+    negatives = [r["negative_prompt"] for r in chunk]
+    cond, uncond = encode_prompts(gen.encoder, [r["prompt"] for r in chunk], negatives=negatives)
+    images = generate(gen.denoiser, cond, uncond, [r["seed"] for r in chunk], size, settings)
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    records = []
+    for r, img in zip(chunk, images):
+        data = png_bytes(img)
+        name = f"{art.IMAGES}/{r['index']:06d}.png"
+        art.atomic_write_bytes(out / name, data)
+        records.append({**r, "model_name": gen.name, "model_version": gen.version, "run_id": gen.run_id,
+                        "file": name, "sha256": hashlib.sha256(data).hexdigest(), "time": stamp})
+    return records
+
+
+def _write_contact_sheet(out: Path, final: list[dict], contact_sheet_size: int) -> None:
+    """A grid of at most ``contact_sheet_size`` of the batch's images, evenly spread, with their prompts."""
+    from PIL import Image
+
+    from diffusion.sampling.generate import make_grid
+
+    pick = list(range(0, len(final), max(1, math.ceil(len(final) / contact_sheet_size))))[:contact_sheet_size]
+    sheet = make_grid([np.asarray(Image.open(out / final[i]["file"]).convert("RGB")) for i in pick],
+                      [final[i]["prompt"] for i in pick], cols=8)
+    art.atomic_write_bytes(out / CONTACT_SHEET, _png(sheet))
 
 
 def _png(image) -> bytes:
