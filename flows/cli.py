@@ -26,11 +26,13 @@ Problems the user can fix (a params key, a missing input, an unknown model) prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import Callable
 
+from diffusion import threads
 from diffusion.config import CHOICES
 from diffusion.errors import T2IError
 from flows.project import OPTIONAL_STAGES, STAGES
@@ -292,18 +294,84 @@ def _run(args: argparse.Namespace) -> None:
     COMMANDS[args.command](p, args)
 
 
+class _Stop:
+    """SIGTERM and SIGINT end a command the way Ctrl-C ends Python: as an exception that unwinds
+    Prefect's context managers and runs the atexit hooks, which stop the temporary Prefect API
+    server (a uvicorn child that the default SIGTERM action left running). The children alive at
+    the signal (server, DataLoader workers, torchrun and its ranks, dvc's stage commands) are
+    recorded then; whatever of them is still alive when the process exits is terminated."""
+
+    children: list = []
+
+    @classmethod
+    def install(cls) -> None:
+        import atexit
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (main() called from a worker thread)
+        signal.signal(signal.SIGTERM, cls.on_signal)
+        signal.signal(signal.SIGINT, cls.on_signal)
+        atexit.register(cls.end_children)  # registered first, so it runs after Prefect's own hooks
+
+    @classmethod
+    def on_signal(cls, signum, frame) -> None:
+        import signal
+
+        if not cls.children:
+            try:
+                import psutil  # a dependency of dvc, so normally installed; without it the hooks alone
+            except ImportError:
+                psutil = None
+            cls.children = psutil.Process().children(recursive=True) if psutil else []
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
+
+    @classmethod
+    def end_children(cls, timeout: float = 5.0) -> None:
+        if not cls.children:
+            return
+        import psutil
+
+        alive = [c for c in cls.children if c.is_running()]
+        for c in alive:
+            with contextlib.suppress(psutil.Error):
+                c.terminate()
+        _, alive = psutil.wait_procs(alive, timeout=timeout)
+        for c in alive:
+            with contextlib.suppress(psutil.Error):
+                c.kill()
+
+
+def _threads() -> None:
+    """Torch threads from the CPUs this process may use (diffusion.threads); a bad T2I_THREADS is one line."""
+    try:
+        threads.apply()
+    except ValueError as e:
+        raise T2IError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     # the temporary Prefect API would otherwise try to phone home (and log an error offline)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    threads.set_wait_policy()  # before anything imports torch (diffusion.threads)
+    _Stop.install()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv
     try:
+        if args.command != "params":
+            _threads()
         _run(args)
     except T2IError as e:
         print(f"t2i: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("t2i: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -17,8 +17,8 @@ from diffusion import codegraph
 ROOT = Path(__file__).resolve().parents[1]
 
 # rank of each layer: a module may import its own subpackage and layers of a lower rank only
-LAYERS = {"errors": 0, "codegraph": 0, "config": 1, "artifacts": 1, "data": 2, "models": 3, "training": 4,
-          "sampling": 4, "evaluation": 5, "registry": 6, "pipeline": 7}
+LAYERS = {"errors": 0, "codegraph": 0, "threads": 0, "config": 1, "artifacts": 1, "data": 2, "models": 3,
+          "training": 4, "sampling": 4, "evaluation": 5, "registry": 6, "pipeline": 7}
 MAX_FUNCTION_LINES = 60
 
 

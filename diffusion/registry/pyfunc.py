@@ -23,6 +23,7 @@ import mlflow
 import pandas as pd
 from PIL import Image
 
+from diffusion import threads
 from diffusion.registry.bundle import load_bundle, write_bundle
 from diffusion.config import SampleConfig, sampler_problems
 from diffusion.errors import T2IError
@@ -40,6 +41,9 @@ class T2IModel(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
+        # serving workers and load_model users share the machine too (diffusion.threads): torch threads
+        # from the usable CPUs; OMP_WAIT_POLICY only acts where it was set before torch was imported
+        threads.apply()
         self.denoiser, self.meta, self.encoder, self.settings = load_bundle(context.artifacts)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

@@ -159,5 +159,12 @@ def batch_loader(spec: DataSpec, table: EmbeddingTable, positions: list[DataPosi
         return batches(spec.stream(0, positions[0]), table, spec.batch_size, spec.latent)
     loader = torch.utils.data.DataLoader(BatchStream(spec, table, positions), batch_size=None,
                                          num_workers=spec.workers, prefetch_factor=4, persistent_workers=False,
-                                         pin_memory=pin_memory)
+                                         pin_memory=pin_memory, worker_init_fn=one_thread)
     return iter(loader)
+
+
+def one_thread(worker_id: int) -> None:
+    """A DataLoader worker decodes with one torch thread, so K workers beside the training step never
+    ask for K times the machine's cores (torch's worker loop does this too; kept explicit so a custom
+    loader or a torch change cannot lose it). They inherit OMP_WAIT_POLICY from the trainer."""
+    torch.set_num_threads(1)
