@@ -135,12 +135,30 @@ class DownloadConfig:
 
 
 @dataclass(frozen=True)
+class OpenmojiConfig:
+    """The OpenMoji source (ingest.source: openmoji, diffusion.data.openmoji): the npm package's colour
+    SVGs rendered at ingest.image_size, captioned from their annotations; val holds whole annotations
+    (ingest.val_fraction of them, by hash)."""
+
+    version: str = "17.0.0"  # npm package version fetched when ingest.path is null or npm
+    cache: str = "data/sources/openmoji"  # where the fetched tarball and the unpacked SVGs are kept (git-ignored)
+    skintones: bool = False  # keep the skin-tone variants (each goes to its base emoji's split)
+    caption_variants: bool = True  # training captions: the annotation or a tag/phrase variant per emoji; false: annotation only
+    supersample: int = 4  # render at image_size x this, then average each block down (anti-aliased edges)
+
+    def check(self, key: str) -> None:
+        _at_least_one(self, key, "supersample")
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     """Where the images and captions come from and how they become WebDataset shards
     (diffusion.data.ingest); the built-in set is rendered from the dataset section."""
 
-    source: str = "builtin"  # builtin | folder | table | webdataset | urls
-    path: Optional[str] = None  # folder root, table file, shard URL(s)/glob, or URL list; unused by builtin
+    source: str = "builtin"  # builtin | folder | table | webdataset | urls | openmoji
+    # folder root, table file, shard URL(s)/glob, or URL list; unused by builtin; openmoji: an
+    # openmoji-*.tgz, the unpacked package folder, or null/npm (npm pack into ingest.openmoji.cache once)
+    path: Optional[str] = None
     caption_column: str = "caption"  # table/urls: caption column; folder/webdataset: caption field in .json
     image_column: str = "image"  # table: image bytes ({bytes, path} struct or binary) or a path/URL string
     url_column: str = "url"  # urls: the URL column
@@ -163,6 +181,7 @@ class IngestConfig:
     task_runner: str = "threads"  # threads | processes | dask (Prefect task runner of the ingest flow)
     dask_address: Optional[str] = None  # dask: null = a LocalCluster of `workers` processes; else tcp://host:8786
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    openmoji: OpenmojiConfig = field(default_factory=OpenmojiConfig)  # the openmoji source
 
     def check(self, key: str) -> None:
         _at_least_one(self, key, "samples_per_shard")
@@ -558,7 +577,7 @@ class Params:
 
 # Values restricted to a fixed set, checked after typing.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "ingest.source": ("builtin", "folder", "table", "webdataset", "urls"),
+    "ingest.source": ("builtin", "folder", "table", "webdataset", "urls", "openmoji"),
     "ingest.image_format": ("png", "jpg", "webp"),
     "ingest.resize_mode": ("center_crop", "pad", "keep_ratio"),
     "ingest.caption_errors": ("replace", "reject"),

@@ -9,7 +9,8 @@ fetch, or a reason the item is already rejected.
 Sources: ``builtin`` (the shapes generator), ``folder`` (images with .txt/.json sidecars, any
 depth), ``table`` (parquet/CSV/JSONL with image bytes, paths or URLs), ``webdataset`` (existing
 shards, img2dataset output included; local paths, globs, brace patterns or fsspec URLs) and
-``urls`` (a parquet/CSV/JSONL list of URLs and captions).
+``urls`` (a parquet/CSV/JSONL list of URLs and captions) and ``openmoji`` (the OpenMoji npm
+package's SVGs, rendered: the project's real reference set, diffusion.data.openmoji).
 """
 
 from __future__ import annotations
@@ -409,11 +410,55 @@ def _read_webdataset(spec: SourceSpec, unit: Unit) -> Iterator[RawItem]:
 
 
 # --------------------------------------------------------------------------------------------
+# openmoji: the npm package's colour SVGs, rendered (diffusion.data.openmoji)
+
+
+def _plan_openmoji(spec: SourceSpec) -> list[Unit]:
+    """Units of emoji in the package's order: (package folder, *records). A record holds the SVG's
+    content hash, caption and split, so a changed SVG or caption redoes its unit."""
+    from diffusion.data import openmoji
+
+    openmoji.check_renderer()
+    cfg = spec.ingest
+    root = openmoji.package_root(cfg.path, cfg.openmoji)
+    entries = openmoji.load_entries(root, cfg.openmoji, cfg.val_fraction)
+    if not entries:
+        raise MissingInputError(f"ingest.path: no emoji in {root / openmoji.METADATA}")
+    version = openmoji.package_version(root)
+    for e in entries:
+        e["meta"]["package_version"] = version
+    return [Unit(i, (str(root), *entries[a:b])) for i, (a, b) in enumerate(_chunks(len(entries), cfg.samples_per_shard))]
+
+
+def _read_openmoji(spec: SourceSpec, unit: Unit) -> Iterator[RawItem]:
+    """Each emoji rendered at ingest.image_size over ingest.background, with its forced split: the
+    held-out annotations decide val for this source, not the key hash."""
+    from diffusion.data import openmoji
+
+    cfg = spec.ingest
+    root = Path(unit.items[0])
+    for e in unit.items[1:]:
+        meta = {"source": "openmoji", "license": openmoji.LICENSE, "attribution": openmoji.ATTRIBUTION,
+                "svg": e["svg"], **e["meta"]}
+        item = RawItem(f"openmoji/{e['hexcode']}", caption=e["caption"], meta=meta, split=e["split"])
+        try:
+            item.rendered = openmoji.render((root / e["svg"]).read_bytes(), cfg.image_size,
+                                            cfg.openmoji.supersample, cfg.background)
+        except FileNotFoundError:
+            item.reject = "missing_image"
+        except OSError as err:
+            item.reject, item.meta["error"] = "read_error", type(err).__name__
+        except ValueError as err:
+            item.reject, item.meta["error"] = "decode_error", str(err)[:200]
+        yield item
+
+
+# --------------------------------------------------------------------------------------------
 
 PLANNERS = {"builtin": _plan_builtin, "folder": _plan_folder, "table": _plan_table, "urls": _plan_table,
-            "webdataset": _plan_webdataset}
+            "webdataset": _plan_webdataset, "openmoji": _plan_openmoji}
 READERS = {"builtin": _read_builtin, "folder": _read_folder, "table": _read_table, "urls": _read_table,
-           "webdataset": _read_webdataset}
+           "webdataset": _read_webdataset, "openmoji": _read_openmoji}
 
 
 def plan(spec: SourceSpec) -> list[Unit]:
