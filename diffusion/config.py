@@ -245,6 +245,30 @@ class JudgeConfig:
 
 
 @dataclass(frozen=True)
+class RetrievalConfig:
+    """The retrieval evaluator (diffusion.evaluation.retrieval): a small image-text contrastive model
+    trained on the dataset's own real training pairs, for R-precision and FD on any data."""
+
+    seed: int = 0  # initialisation and batch order
+    steps: int = 1000  # optimizer steps (AdamW, one-cycle schedule)
+    batch_size: int = 128  # pairs per step (each image's negatives are the batch's other captions)
+    lr: float = 2.0e-3  # peak learning rate of the one-cycle schedule
+    width: int = 32  # channels of the image tower's first conv block (doubling per level, at most 4x)
+    dim: int = 128  # the shared image-text embedding space
+    max_images: int = 20000  # training pairs read from the train shards (the first ones, in shard order)
+    max_side: int = 64  # images larger than this are downscaled to it (the tower runs at 16-64 px)
+    distractors: int = 99  # R-precision: other validation captions each prompt is ranked against
+    device: str = "auto"  # auto | cpu | cuda
+
+    def check(self, key: str) -> None:
+        _at_least_one(self, key, "steps", "batch_size", "width", "dim", "max_images", "distractors")
+        if self.max_side < 8:
+            raise ConfigError(f"{key}.max_side must be >= 8, got {self.max_side}")
+        if self.width % 8:  # the image tower's GroupNorm uses 8 groups
+            raise ConfigError(f"{key}.width must be a multiple of 8, got {self.width}")
+
+
+@dataclass(frozen=True)
 class UNetConfig:
     """The UNet denoiser (diffusion.models.unet), the default network: ResNet blocks at each level,
     self- and cross-attention at attn_levels. A train.size other than custom replaces it."""
@@ -565,6 +589,7 @@ class Params:
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -596,6 +621,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "embed.device": ("auto", "cpu", "cuda"),
     "judge.device": ("auto", "cpu", "cuda"),
+    "retrieval.device": ("auto", "cpu", "cuda"),
     "sample.device": ("auto", "cpu", "cuda"),
     "sample.sampler": ("ddpm", "ddim", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde"),
     "sample.spacing": ("uniform", "trailing", "karras"),
