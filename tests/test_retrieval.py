@@ -99,3 +99,17 @@ def test_save_load_round_trip_gives_identical_scores(built, pairs, table, cfg, t
     val_img, val_cap = pairs["val"]
     assert R.validate(again, table, size, val_img, val_cap, cfg) == R.validate(model, table, size, val_img, val_cap, cfg)
     assert np.array_equal(R.embed_images(again, val_img, size), R.embed_images(model, val_img, size))
+
+
+def test_the_evaluation_block_splits_seen_and_held_out_and_counts_prompts_without_embeddings(built, pairs, table):
+    (train_img, train_cap), (val_img, val_cap) = pairs["train"], pairs["val"]
+    generated = np.concatenate([train_img[:30], val_img[:30], val_img[:1]])  # real images stand in for generated
+    prompts = train_cap[:30] + val_cap[:30] + ["a caption the embed stage never saw"]
+    out = R.evaluate_retrieval(built["dir"], table, generated, prompts, val_img, val_cap, val_cap + train_cap,
+                               set(train_cap))
+    gen, real = out["r_precision"]["generated"], out["r_precision"]["real"]
+    assert out["no_embedding"] == 1 and gen["all"]["n"] == 60
+    assert (gen["seen"]["n"], gen["held_out"]["n"]) == (30, 30) and (real["seen"]["n"], real["held_out"]["n"]) == (0, 60)
+    assert real["held_out"]["mean"] > 10 * real["held_out"]["chance"]
+    assert out["fd"]["n_generated"] == 61 and out["fd"]["n_real"] == 60 and "real_floor" not in out["fd"]
+    assert out["evaluator"] == built["metrics"]

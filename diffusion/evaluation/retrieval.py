@@ -322,3 +322,35 @@ def build_retrieval(cfg: RetrievalConfig, train_urls: list[str], val_urls: list[
     metrics = validate(model, table, images.shape[1], val_images, val_captions, cfg)
     save_retrieval(model, cfg, images.shape[1], metrics, out_dir)
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation block
+
+
+def seen_groups(captions: list[str], train_captions: set[str]) -> dict[str, np.ndarray]:
+    """``seen`` (the caption is a training caption) and ``held_out`` (it is not) masks."""
+    seen = np.array([c in train_captions for c in captions], bool)
+    return {"seen": seen, "held_out": ~seen}
+
+
+def evaluate_retrieval(directory: str | Path, table: EmbeddingTable, generated: np.ndarray, prompts: list[str],
+                       real: np.ndarray, real_captions: list[str], pool: list[str], train_captions: set[str]) -> dict:
+    """The ``retrieval.*`` metrics for generated images of ``prompts``, beside the same for the real
+    images ``real`` of ``real_captions``: R-precision (all, seen, held_out) against distractors from
+    ``pool`` (distinct validation captions), FD in the evaluator's image space with its real floor,
+    and the evaluator's own validation scores. Prompts without an embedding (a caption the embed
+    stage never saw) are left out of R-precision and counted under ``no_embedding``."""
+    model, info = load_retrieval(directory)
+    size, k, seed = info["image_size"], info["distractors"], info["seed"]
+    keep = np.array([p in table.rows for p in prompts], bool)
+    kept = [p for p, ok in zip(prompts, keep) if ok]
+    real_keep = np.array([c in table.rows for c in real_captions], bool)
+    real_kept = [c for c, ok in zip(real_captions, real_keep) if ok]
+    pool = [c for c in pool if c in table.rows]
+    rp = {"generated": r_precision(model, table, size, generated[keep], kept, pool, k, seed,
+                                   seen_groups(kept, train_captions)),
+          "real": r_precision(model, table, size, real[real_keep], real_kept, pool, k, seed,
+                              seen_groups(real_kept, train_captions))}
+    return {"r_precision": rp, "fd": fd_images(model, size, generated, real), "evaluator": info["val"],
+            "no_embedding": int((~keep).sum())}
