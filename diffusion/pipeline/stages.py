@@ -7,6 +7,7 @@ a notebook. Each checks its inputs first and raises one-line ``T2IError``s.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,12 +63,7 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
           progress: bool = True, latents_dir: str | Path | None = None) -> dict:
     """Train on the image shards, or on their latents where the latents stage wrote them
     (``latents_dir`` with latents.vae set)."""
-    import mlflow
-
-    from diffusion.registry import tracking
-    from diffusion.config import SampleConfig
-    from diffusion.sampling.generate import generate, make_grid, table_cond
-    from diffusion.data.latents import codec_for, latent_training_data, load_vae
+    from diffusion.data.latents import latent_training_data
     from diffusion.data.text import EmbeddingTable
     from diffusion.training.train import train as train_loop
 
@@ -80,6 +76,29 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     table = EmbeddingTable.load(art.require(embeddings_dir, "embeddings", "embed"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    grid_fn = _train_grid_fn(p, table, latent, image_size, out)
+
+    from diffusion.training import distributed
+
+    rank = distributed.launched_rank()
+    if rank:  # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
+        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False)
+        return {"rank": rank}
+    with _train_run(p, out, table, image_size, latent) as (run, logger):
+        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, logger=logger, grid_fn=grid_fn,
+                   progress=progress)
+    meta = art.model_meta(out)
+    return {"run_id": run.info.run_id, "steps": meta["steps_done"], "train_img_per_s": meta["train_img_per_s"],
+            "train_seconds": meta["train_seconds"], "device": meta["device"]}
+
+
+def _train_grid_fn(p: Params, table, latent, image_size: int, out: Path):
+    """The train stage's preview grid, as the training loop's ``grid_fn(denoiser, step)``: a fixed
+    spread of the table's captions, decoded through the VAE of ``latent`` (a LatentSpec; None in
+    pixel space); the grid at train.steps is also saved to ``out``."""
+    from diffusion.config import SampleConfig
+    from diffusion.sampling.generate import generate, make_grid, table_cond
+    from diffusion.data.latents import codec_for, load_vae
 
     # the grid shows a fixed spread of captions the table holds (val captions included), sampled
     # with default settings: the sample section is the sample stage's, not train's
@@ -106,12 +125,17 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
             grid.save(out / art.TRAIN_GRID)
         return grid
 
-    from diffusion.training import distributed
+    return grid_fn
 
-    rank = distributed.launched_rank()
-    if rank:  # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
-        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False)
-        return {"rank": rank}
+
+@contextmanager
+def _train_run(p: Params, out: Path, table, image_size: int, latent):
+    """The MLflow run that rank 0 trains in: yields (run, logger) once the run file is written and
+    the params and tags are logged; after training, writes the loss history and logs the loss curve."""
+    import mlflow
+
+    from diffusion.registry import tracking
+
     tracking.setup(p.mlflow)
     uri = tracking.tracking_uri(p.mlflow)
     with mlflow.start_run(run_name=f"train-{p.train.steps}steps") as run:
@@ -124,16 +148,12 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
                            "embed.layer": table.fingerprint["layer"]})
         mlflow.set_tags({"text_fingerprint": table.fingerprint["weights"], "stage": "train"})
         logger = tracking.MlflowLogger()
-        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, logger=logger, grid_fn=grid_fn,
-                   progress=progress)
+        yield run, logger
         curve = logger.loss_curve()
         art.write_loss_history(out, logger.history.get("loss", []))
         if curve is not None:
             curve.save(out / art.LOSS_CURVE)
             mlflow.log_image(curve, art.LOSS_CURVE)
-    meta = art.model_meta(out)
-    return {"run_id": run.info.run_id, "steps": meta["steps_done"], "train_img_per_s": meta["train_img_per_s"],
-            "train_seconds": meta["train_seconds"], "device": meta["device"]}
 
 
 def _encoder_for(p: Params, meta: dict):
