@@ -40,6 +40,7 @@ EMOJI = [
     ("E0FF0", "flag: Germany (old)", "flag", "", "extras-openmoji", "", "", (SQUARE, "#000000")),  # same picture
     ("1F95D", "kiwi fruit", "fruit, kiwi", "", "food-drink", "", "", '<svg xmlns="http://www.w3.org/2000/svg"><circ'),
     ("E0FF1", "atom symbol", "science", "atom", "extras-openmoji", "", "", (CIRCLE, "#92d3f5")),
+    ("1F9FF", "nazar amulet", "amulet, charm", "", "activities", "", "", None),  # listed, but no SVG
 ]
 
 
@@ -63,6 +64,8 @@ def tarball(tmp_path_factory) -> Path:
         _add(tar, "package/package.json", b'{"name": "openmoji", "version": "0.0.1"}')
         _add(tar, "package/data/openmoji.json", json.dumps([_entry(*e[:7]) for e in EMOJI]).encode())
         for e in EMOJI:
+            if e[7] is None:
+                continue
             svg = e[7] if isinstance(e[7], str) else SVG.format(shape=e[7][0], fill=e[7][1])
             _add(tar, f"package/color/svg/{e[0]}.svg", svg.encode())
         _add(tar, "package/black/svg/1F600.svg", b"<svg/>")  # not needed: not unpacked
@@ -86,13 +89,15 @@ def shard_bytes(out: Path) -> dict[str, bytes]:
 def test_ingest_renders_captions_splits_and_counts(tarball, tmp_path):
     out = tmp_path / "shards"
     stats = ingest(config(tarball, tmp_path), None, out, progress=False)
-    # 12 entries - 1 skin-tone variant = 11 items; the kiwi's SVG is corrupt, the second flag a duplicate
-    assert stats["items"] == 11 and stats["rejected"] == {"decode_error": 1, "duplicate": 1}
+    # 13 entries - 1 skin-tone variant = 12 items; the kiwi's SVG is corrupt, the second flag a
+    # duplicate, the amulet's SVG missing
+    assert stats["items"] == 12
+    assert stats["rejected"] == {"decode_error": 1, "missing_image": 1, "duplicate": 1}
     train, val = rows(out, "train"), rows(out, "val")
     assert len(train) + len(val) == stats["accepted"] == 9
     assert all((out / r["shard"]).is_file() for r in train + val)
     held = {e[1] for e in EMOJI if openmoji.held_out(e[1], VAL_FRACTION)}
-    assert held and held - {"kiwi fruit", "flag: Germany (old)"}  # the fixture exercises both splits
+    assert held - {"kiwi fruit", "flag: Germany (old)", "nazar amulet"}  # the fixture exercises both splits
     for r in val:  # whole annotations, captioned plainly
         meta = json.loads(r["meta"])
         assert r["caption"] == meta["annotation"] and meta["annotation"] in held
@@ -126,7 +131,7 @@ def test_rerun_is_byte_identical_and_a_package_folder_gives_the_same_shards(tarb
 def test_skin_tones_on_request_follow_their_base_emoji(tarball, tmp_path):
     out = tmp_path / "shards"
     stats = ingest(config(tarball, tmp_path, openmoji={"skintones": True}), None, out, progress=False)
-    assert stats["items"] == 12
+    assert stats["items"] == 13
     split = {json.loads(r["meta"])["hexcode"]: sp for sp in ("train", "val") for r in rows(out, sp)}
     assert split["1F44B-1F3FB"] == split["1F44B"]
 
