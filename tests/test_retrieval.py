@@ -97,7 +97,8 @@ def test_save_load_round_trip_gives_identical_scores(built, pairs, table, cfg, t
     again, info = R.load_retrieval(tmp_path)
     assert info == built["info"]
     val_img, val_cap = pairs["val"]
-    assert R.validate(again, table, size, val_img, val_cap, cfg) == R.validate(model, table, size, val_img, val_cap, cfg)
+    scores = [R.validate(m, table, size, val_img, val_cap, cfg) for m in (again, model)]
+    assert scores[0] == scores[1]
     assert np.array_equal(R.embed_images(again, val_img, size), R.embed_images(model, val_img, size))
 
 
@@ -109,7 +110,8 @@ def test_the_evaluation_block_splits_seen_and_held_out_and_counts_prompts_withou
                                set(train_cap))
     gen, real = out["r_precision"]["generated"], out["r_precision"]["real"]
     assert out["no_embedding"] == 1 and gen["all"]["n"] == 60
-    assert (gen["seen"]["n"], gen["held_out"]["n"]) == (30, 30) and (real["seen"]["n"], real["held_out"]["n"]) == (0, 60)
+    assert (gen["seen"]["n"], gen["held_out"]["n"]) == (30, 30)
+    assert (real["seen"]["n"], real["held_out"]["n"]) == (0, 60)  # no tiny validation caption is a training one
     assert real["held_out"]["mean"] > 10 * real["held_out"]["chance"]
     assert out["fd"]["n_generated"] == 61 and out["fd"]["n_real"] == 60 and "real_floor" not in out["fd"]
     assert out["evaluator"] == built["metrics"]
