@@ -481,36 +481,18 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     resume(state, out)
     logger.log_metrics({"params_millions": count_params(state.model.net) / 1e6}, state.step)
 
-    accum, per_forward = cfg.grad_accum, cfg.batch_size // (d.world * cfg.grad_accum)
-    spec = DataSpec(shard_urls, cfg.seed, cfg.shuffle_buffer, per_forward, d.rank, d.world, cfg.data_workers, latent)
-    data = batch_loader(spec, table, state.positions, pin_memory=device.type == "cuda")
-    text = TextTable.of(table, device)
-    if cfg.unseen_words > 0 and not text.word_vectors and d.main:
-        print(f"train.unseen_words {cfg.unseen_words:g} is off: the caption table holds "
-              f"{table.fingerprint.get('layer')!r} states of {table.fingerprint.get('model')}, not word vectors")
+    data, text = _inputs(state, shard_urls, table, latent)
     posterior = latent is not None and cfg.latent_sampling == "posterior"
     monitor = Monitor(state)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not (progress and d.main),
                mininterval=2.0)
     state.model.train()
     while state.step < cfg.steps:
-        micro = [monitor.fetch(data) for _ in range(accum)]
+        micro = [monitor.fetch(data) for _ in range(cfg.grad_accum)]
         loss, grad_norm = train_step(state, micro, text, posterior)
         monitor.record(loss, grad_norm, sum(b.x0.shape[0] for b in micro))
         bar.update(1)
-        step = state.step
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            monitor.check(out / CHECKPOINT)
-            metrics = monitor.metrics()
-            logger.log_metrics(metrics, step)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            monitor.check(out / CHECKPOINT)
-            save_checkpoint(state, out)
-        if grid_fn is not None and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and d.main:
-            t0 = time.perf_counter()
-            logger.log_image(preview(state, grid_fn), f"{PREVIEW_DIR}/step_{step:07d}.png")
-            monitor.pause(time.perf_counter() - t0)
+        _after_step(state, out, monitor, logger, bar, grid_fn)
     bar.close()
     elapsed = time.perf_counter() - monitor.t_start
     summary = {"train_seconds": elapsed, "train_img_per_s": monitor.seen / elapsed if elapsed > 0 else 0.0}
@@ -521,3 +503,38 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
             logger.log_image(preview(state, grid_fn), "sample_grid.png")
     distributed.teardown(d)
     return out
+
+
+def _inputs(state: TrainState, shard_urls: list[str], table: EmbeddingTable,
+            latent: LatentSpec | None) -> tuple[Iterator[Batch], TextTable]:
+    """This rank's batches (each a 1/``train.grad_accum`` share of its part of a step's batch,
+    from ``state.positions`` on) and the caption table on the state's device. Says so where
+    train.unseen_words is set but the table holds no word vectors to draw from."""
+    cfg, device, d = state.cfg, state.device, state.dist
+    per_forward = cfg.batch_size // (d.world * cfg.grad_accum)
+    spec = DataSpec(shard_urls, cfg.seed, cfg.shuffle_buffer, per_forward, d.rank, d.world, cfg.data_workers, latent)
+    data = batch_loader(spec, table, state.positions, pin_memory=device.type == "cuda")
+    text = TextTable.of(table, device)
+    if cfg.unseen_words > 0 and not text.word_vectors and d.main:
+        print(f"train.unseen_words {cfg.unseen_words:g} is off: the caption table holds "
+              f"{table.fingerprint.get('layer')!r} states of {table.fingerprint.get('model')}, not word vectors")
+    return data, text
+
+
+def _after_step(state: TrainState, out: Path, monitor: Monitor, logger: TrainLogger, bar, grid_fn) -> None:
+    """What follows step ``state.step``: the metrics every ``train.log_every`` steps, a checkpoint
+    every ``train.checkpoint_every`` (both at the last step too), and on rank 0 the preview grid
+    every ``train.sample_every`` steps before the last (its time left out of the throughput)."""
+    cfg, step = state.cfg, state.step
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        monitor.check(out / CHECKPOINT)
+        metrics = monitor.metrics()
+        logger.log_metrics(metrics, step)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['img_per_s']:.0f}")
+    if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        monitor.check(out / CHECKPOINT)
+        save_checkpoint(state, out)
+    if grid_fn is not None and cfg.sample_every and step % cfg.sample_every == 0 and step < cfg.steps and state.dist.main:
+        t0 = time.perf_counter()
+        logger.log_image(preview(state, grid_fn), f"{PREVIEW_DIR}/step_{step:07d}.png")
+        monitor.pause(time.perf_counter() - t0)
