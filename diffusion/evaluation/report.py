@@ -42,22 +42,38 @@ def evaluation_page(metrics: dict, page: str | Path, grid: str | Path | None = N
              + f". Fingerprint `{(metrics.get('fingerprint') or {}).get('id', '-')}`.", ""]
     if grid and Path(grid).is_file():
         lines += [f"![sample grid]({_rel(grid, page)})", ""]
-    adherence = metrics.get("adherence")
-    if adherence:
-        lines += ["## Prompt adherence (the judge on generated images)", "",
-                  "| group | n | " + " | ".join(ATTRS) + " |", "|---|---|" + "---|" * len(ATTRS)]
-        for group, sc in adherence.items():
-            lines.append(f"| {group} | {sc['n']} | " + " | ".join(_pct(sc.get(a)) for a in ATTRS) + " |")
-        judge = metrics.get("judge") or {}
-        if judge:
-            lines += ["", "The judge itself on real validation images (all-correct): "
-                      + ", ".join(f"{g} {_pct(sc.get('all'))}" for g, sc in judge.items()) + "."]
-        from diffusion.evaluation.judge import GROUPS
+    lines += _adherence_lines(metrics) + _fidelity_lines(metrics)
+    if metrics.get("image"):
+        lines += _standard_metrics_lines(metrics["image"])
+    if sweep_page is not None:
+        lines += _sweep_lines(sweep_page, page)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines) + "\n")
+    return page
 
-        lines += [""] + [f"- *{g}*: {GROUPS[g]}" for g in adherence if g in GROUPS] + [""]
-    elif metrics.get("note"):
-        lines += [f"Adherence: not applicable ({metrics['note']}).", ""]
-    lines += ["## Fidelity", "", "| measure | generated | real | what it means |", "|---|---|---|---|"]
+
+def _adherence_lines(metrics: dict) -> list[str]:
+    """The page's adherence section: the judge's scores per group on the generated images (and
+    on real ones), or why adherence does not apply."""
+    adherence = metrics.get("adherence")
+    if not adherence:
+        return [f"Adherence: not applicable ({metrics['note']}).", ""] if metrics.get("note") else []
+    lines = ["## Prompt adherence (the judge on generated images)", "",
+             "| group | n | " + " | ".join(ATTRS) + " |", "|---|---|" + "---|" * len(ATTRS)]
+    for group, sc in adherence.items():
+        lines.append(f"| {group} | {sc['n']} | " + " | ".join(_pct(sc.get(a)) for a in ATTRS) + " |")
+    judge = metrics.get("judge") or {}
+    if judge:
+        lines += ["", "The judge itself on real validation images (all-correct): "
+                  + ", ".join(f"{g} {_pct(sc.get('all'))}" for g, sc in judge.items()) + "."]
+    from diffusion.evaluation.judge import GROUPS
+
+    return lines + [""] + [f"- *{g}*: {GROUPS[g]}" for g in adherence if g in GROUPS] + [""]
+
+
+def _fidelity_lines(metrics: dict) -> list[str]:
+    """The page's fidelity table: FD-judge where measured, speckle and grain of generated and real images."""
+    lines = ["## Fidelity", "", "| measure | generated | real | what it means |", "|---|---|---|---|"]
     fd = metrics.get("fd_judge")
     if fd:
         lines.append(f"| FD-judge | {_num(fd.get('generated'))} | {_num(fd.get('real_floor'))} | Frechet distance in the "
@@ -69,29 +85,35 @@ def evaluation_page(metrics: dict, page: str | Path, grid: str | Path | None = N
                  "far off the background colour (coloured specks) |")
     lines.append(f"| grain | {_num(gen.get('grain'), '.2f')} | {_num(real.get('grain'), '.2f')} | mean deviation "
                  "of the background from its colour, 8-bit levels |")
-    image = metrics.get("image")
-    if image:
-        kid = image.get("kid") or {}
-        lines += ["", "## Standard metrics", "", "| metric | value |", "|---|---|",
-                  f"| FID | {_num(image.get('fid'), '.2f')} |",
-                  f"| KID | {_num(kid.get('mean'), '.4f')} ± {_num(kid.get('std'), '.4f')} |",
-                  f"| CLIP score | {_num(image.get('clip_score'), '.2f')} |"]
-        names = {"fid": "FID", "kid": "KID", "clip_score": "CLIP score"}
-        for name, why in (image.get("skipped") or {}).items():
-            lines.append(f"\n*{names.get(name, name)} skipped*: {why}")
-    if sweep_page is not None:
-        lines += ["", "## Quality against cost", ""]
-        if Path(sweep_page).is_file():
-            for png in ("quality_vs_cost.png", "guidance.png"):
-                if (Path(sweep_page).parent / png).is_file():
-                    lines += [f"![{png[:-4]}]({_rel(Path(sweep_page).parent / png, page)})", ""]
-            lines.append(f"Tables and the recommended setting: [the sweep]({_rel(sweep_page, page)}).")
-        else:
-            lines.append("Not measured yet: `dvc repro analysis/dvc.yaml:sweep` (or `t2i pipeline --stage sweep`) "
-                         f"maps every sampler and step count into {_rel(sweep_page, page)}.")
-    page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text("\n".join(lines) + "\n")
-    return page
+    return lines
+
+
+def _standard_metrics_lines(image: dict) -> list[str]:
+    """The page's FID, KID and CLIP score table, and why any of them was skipped."""
+    kid = image.get("kid") or {}
+    lines = ["", "## Standard metrics", "", "| metric | value |", "|---|---|",
+             f"| FID | {_num(image.get('fid'), '.2f')} |",
+             f"| KID | {_num(kid.get('mean'), '.4f')} ± {_num(kid.get('std'), '.4f')} |",
+             f"| CLIP score | {_num(image.get('clip_score'), '.2f')} |"]
+    names = {"fid": "FID", "kid": "KID", "clip_score": "CLIP score"}
+    for name, why in (image.get("skipped") or {}).items():
+        lines.append(f"\n*{names.get(name, name)} skipped*: {why}")
+    return lines
+
+
+def _sweep_lines(sweep_page: str | Path, page: Path) -> list[str]:
+    """The page's quality-against-cost section: the sweep's plots and a link to its page where the
+    sweep has run, else the command that runs it."""
+    lines = ["", "## Quality against cost", ""]
+    if Path(sweep_page).is_file():
+        for png in ("quality_vs_cost.png", "guidance.png"):
+            if (Path(sweep_page).parent / png).is_file():
+                lines += [f"![{png[:-4]}]({_rel(Path(sweep_page).parent / png, page)})", ""]
+        lines.append(f"Tables and the recommended setting: [the sweep]({_rel(sweep_page, page)}).")
+    else:
+        lines.append("Not measured yet: `dvc repro analysis/dvc.yaml:sweep` (or `t2i pipeline --stage sweep`) "
+                     f"maps every sampler and step count into {_rel(sweep_page, page)}.")
+    return lines
 
 
 def sweep_page(points: list[dict], guidance: list[dict], page: str | Path, plots: dict[str, str | Path]) -> Path:
