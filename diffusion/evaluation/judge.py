@@ -73,9 +73,7 @@ def train_judge(cfg: JudgeConfig, images: np.ndarray, labels: dict[str, np.ndarr
     bar = tqdm(range(cfg.steps), desc="judge", unit="step", disable=not progress, mininterval=2.0)
     for _ in bar:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
-        x = x_all[idx]
-        # light noise so generated images (never pixel-perfect) are read like real ones
-        x = x + 0.04 * torch.randn(x.shape, generator=gen) * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+        x = light_noise(x_all[idx], gen)
         out = model(x.to(device))
         loss = sum(F.cross_entropy(out[a], y_all[a][idx].to(device)) for a in vocab)
         opt.zero_grad(set_to_none=True)
@@ -84,6 +82,13 @@ def train_judge(cfg: JudgeConfig, images: np.ndarray, labels: dict[str, np.ndarr
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return model.eval()
+
+
+
+def light_noise(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Light noise on a training batch, so generated images (never pixel-perfect) are read like
+    real ones (the judge's and the retrieval evaluator's training)."""
+    return x + 0.04 * torch.randn(x.shape, generator=gen) * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from diffusion.config import RetrievalConfig
 from diffusion.data.text import EmbeddingTable, pick_device
 from diffusion.errors import MissingInputError
+from diffusion.evaluation.judge import light_noise
 from diffusion.evaluation.metrics import frechet_distance_features
 
 WEIGHTS = "retrieval.safetensors"
@@ -172,8 +173,7 @@ def train_retrieval(cfg: RetrievalConfig, images: np.ndarray, captions: list[str
     for _ in bar:
         idx = torch.randperm(len(x_all), generator=gen)[:batch]
         x, rows = x_all[idx], rows_all[idx]
-        # light noise so generated images (never pixel-perfect) are read like real ones
-        x = x + 0.04 * torch.randn(x.shape, generator=gen) * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+        x = light_noise(x, gen)
         img = model.encode_image(x.to(device))
         txt = model.encode_text(*(t.to(device) for t in text_inputs(table, rows)))
         loss = contrastive_loss(img, txt, model.logit_scale.exp().clamp(max=100), rows.to(device))
