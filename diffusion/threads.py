@@ -9,7 +9,8 @@ that finish early spin-wait for the others, burning the cores the other process 
 
 - ``cpu_count()``: the CPUs this process may use: its affinity mask, capped by the cgroup CPU quota
   (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``), rounded down, at least 1.
-- ``thread_count()``: that, or ``T2I_THREADS`` when set (0: leave torch's own default).
+- ``thread_count()``: that, or ``T2I_THREADS`` when set (0: leave torch's own default), or a count
+  already set in ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (torchrun's ranks, a user's choice).
 - ``set_wait_policy()``: ``OMP_WAIT_POLICY=PASSIVE`` unless the user chose one. It acts only if
   it runs before torch loads its OpenMP runtime (before ``import torch``), and it is exported, so
   children (torchrun ranks, dvc stage commands, DataLoader and serving workers) inherit it.
@@ -30,6 +31,7 @@ from typing import MutableMapping
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 ENV = "T2I_THREADS"
+CHOSEN = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count set before us wins over cpu_count()
 WAIT_POLICY = "PASSIVE"  # torch's wheels use GNU OpenMP (libgomp); KMP_BLOCKTIME is Intel's and unused
 
 
@@ -71,9 +73,16 @@ def cpu_count(cgroup_root: Path | str = CGROUP_ROOT) -> int:
 
 
 def thread_count(env: MutableMapping[str, str] = os.environ, cgroup_root: Path | str = CGROUP_ROOT) -> int:
-    """``T2I_THREADS`` when set (0: leave torch's default, returned as 0), else ``cpu_count()``."""
+    """``T2I_THREADS`` when set (0: leave torch's default, returned as 0); else a count already
+    chosen for this process (``OMP_NUM_THREADS``, then ``MKL_NUM_THREADS``, as torch reads them:
+    torchrun sets 1 per rank, and a Dask nanny exports 1 into the process that starts it); else
+    ``cpu_count()``."""
     raw = env.get(ENV, "").strip()
     if not raw:
+        for name in CHOSEN:
+            chosen = env.get(name, "").strip()
+            if chosen.isdigit() and int(chosen) > 0:
+                return int(chosen)
         return cpu_count(cgroup_root)
     if not raw.isdigit():
         raise ValueError(f"{ENV} must be a whole number of threads (0: torch's default), not {raw!r}")

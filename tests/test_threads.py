@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
-    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "T2I_THREADS", "OMP_NUM_THREADS")}
+    e = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "T2I_THREADS", *threads.CHOSEN)}
     e.update(env, DO_NOT_TRACK="1")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=e, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -74,6 +74,15 @@ def test_apply_keeps_torchs_default_on_an_unrestricted_machine():
                "from diffusion import threads; print(d, threads.apply())")
     default, applied = r.stdout.split()
     assert applied == default == str(threads.cpu_count())
+
+
+@pytest.mark.parametrize("name", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
+def test_a_count_set_before_us_wins(name):
+    """torchrun sets OMP_NUM_THREADS=1 per rank; a Dask nanny exports 1 into its parent: apply()
+    keeps it, as torch's own default does, instead of one thread per CPU in every rank."""
+    r = python("import torch; d = torch.get_num_threads()\n"
+               "from diffusion import threads; print(d, threads.apply())", **{name: "1"})
+    assert r.stdout.split() == ["1", "1"]
 
 
 def test_t2i_threads_env_sets_torch_threads():
