@@ -567,9 +567,15 @@ class BatchConfig:
     seed: int = 0  # rows without a seed get seed + their row number
     device: str = "auto"  # auto | cpu | cuda
     contact_sheet_size: int = 48  # images on the contact sheet
+    task_runner: str = "local"  # local (chunks drawn in the flow's process) | dask (chunks drawn on Dask workers)
+    workers: int = 2  # dask: workers of the LocalCluster (one GPU or one CPU thread each); chunks in flight: 2x this
+    dask_address: Optional[str] = None  # dask: null = a LocalCluster of `workers` processes; else tcp://host:8786
 
     def check(self, key: str) -> None:
-        _at_least_one(self, key, "batch_size")
+        _at_least_one(self, key, "batch_size", "workers")
+        if self.dask_address and self.task_runner != "dask":
+            raise ConfigError(f"{key}.dask_address is set ({self.dask_address}) but {key}.task_runner is "
+                              f"{self.task_runner}: set {key}.task_runner=dask, or dask_address back to null")
 
 
 @dataclass(frozen=True)
@@ -607,6 +613,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "ingest.resize_mode": ("center_crop", "pad", "keep_ratio"),
     "ingest.caption_errors": ("replace", "reject"),
     "ingest.task_runner": ("threads", "processes", "dask"),
+    "batch.task_runner": ("local", "dask"),
     "latents.dtype": ("auto", "float32", "float16", "bfloat16"),
     "latents.device": ("auto", "cpu", "cuda"),
     "train.latent_sampling": ("posterior", "mean"),

@@ -25,6 +25,8 @@ import io
 import json
 import math
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,9 +314,15 @@ def _verified_parts(out: Path) -> dict[int, dict]:
 
 
 def generate_batch(gen: Generator, rows: list[dict], out_dir: str | Path, *, batch_size: int = 64,
-                   contact_sheet_size: int = 48, progress: bool = True, log=print) -> dict:
+                   contact_sheet_size: int = 48, progress: bool = True, log=print,
+                   submit: Callable[[list[dict]], object] | None = None, window: int = 2) -> dict:
     """Draw every row of ``rows`` (from ``plan_rows``) into ``out_dir``, resuming what is there.
-    Returns a summary: counts, images/s, the model, the paths."""
+    Returns a summary: counts, images/s, the model, the paths.
+
+    ``submit(chunk)`` chooses where chunks are drawn: it returns a future whose ``result()`` is
+    ``render_chunk``'s (a Prefect task on a Dask cluster, see ``batch_workers``); ``window`` chunks
+    are in flight at once. Without it, this process draws them one after another. Either way this
+    process alone writes the folder, committing chunks in order, so the output is the same."""
     out = Path(out_dir)
     (out / art.IMAGES).mkdir(parents=True, exist_ok=True)
     (out / PARTS).mkdir(exist_ok=True)
@@ -333,9 +341,8 @@ def generate_batch(gen: Generator, rows: list[dict], out_dir: str | Path, *, bat
     size = gen.meta["image_size"]
     bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress, mininterval=1.0)
     t0, drawn = time.perf_counter(), 0
-    for chunk in chunks:
-        records = _draw_chunk(gen, chunk, size, out)
-        art.write_manifest(records, out / PARTS / f"part-{chunk[0]['index']:06d}.parquet", MANIFEST_SCHEMA)
+    for chunk, rendered in _rendered_in_order(gen, chunks, size, submit, window):
+        records = _commit_chunk(out, rendered)
         done.update({r["index"]: r for r in records})
         drawn += len(chunk)
         bar.update(len(chunk))
@@ -353,10 +360,32 @@ def generate_batch(gen: Generator, rows: list[dict], out_dir: str | Path, *, bat
     return summary
 
 
-def _draw_chunk(gen: Generator, chunk: list[dict], size: int, out: Path) -> list[dict]:
-    """Draw one chunk of rows that share their settings (one sampler call), ``size`` pixels square,
-    and write each image under ``out``; returns their manifest rows (the row, the model, the file,
-    its sha256, the time)."""
+def _rendered_in_order(gen: Generator, chunks: list[list[dict]], size: int, submit, window: int):
+    """(chunk, render_chunk's result) for every chunk, in order: drawn here, or through ``submit``
+    with at most ``window`` chunks in flight (bounds memory whatever the batch size)."""
+    if submit is None:
+        for chunk in chunks:
+            yield chunk, render_chunk(gen, chunk, size)
+        return
+    pending: deque = deque()
+    upcoming = iter(chunks)
+    for chunk in upcoming:
+        pending.append((chunk, submit(chunk)))
+        if len(pending) >= max(1, window):
+            break
+    while pending:
+        chunk, future = pending.popleft()
+        rendered = future.result()
+        nxt = next(upcoming, None)
+        if nxt is not None:
+            pending.append((nxt, submit(nxt)))
+        yield chunk, rendered
+
+
+def render_chunk(gen: Generator, chunk: list[dict], size: int) -> list[tuple[dict, bytes]]:
+    """Draw one chunk of rows that share their settings (one sampler call), ``size`` pixels square:
+    each row's manifest record (the row, the model, the file, its sha256, the time) and PNG bytes.
+    Writes nothing, so it runs anywhere (a Dask worker); ``_commit_chunk`` writes the result."""
     from diffusion.sampling.generate import encode_prompts, generate
     from diffusion.registry.pyfunc import png_bytes
 
@@ -367,13 +396,22 @@ def _draw_chunk(gen: Generator, chunk: list[dict], size: int, out: Path) -> list
     cond, uncond = encode_prompts(gen.encoder, [r["prompt"] for r in chunk], negatives=negatives)
     images = generate(gen.denoiser, cond, uncond, [r["seed"] for r in chunk], size, settings)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    records = []
+    rendered = []
     for r, img in zip(chunk, images):
         data = png_bytes(img)
-        name = f"{art.IMAGES}/{r['index']:06d}.png"
-        art.atomic_write_bytes(out / name, data)
-        records.append({**r, "model_name": gen.name, "model_version": gen.version, "run_id": gen.run_id,
-                        "file": name, "sha256": hashlib.sha256(data).hexdigest(), "time": stamp})
+        rendered.append(({**r, "model_name": gen.name, "model_version": gen.version, "run_id": gen.run_id,
+                          "file": f"{art.IMAGES}/{r['index']:06d}.png", "sha256": hashlib.sha256(data).hexdigest(),
+                          "time": stamp}, data))
+    return rendered
+
+
+def _commit_chunk(out: Path, rendered: list[tuple[dict, bytes]]) -> list[dict]:
+    """Write a rendered chunk's images, then its part file (each atomically): the chunk is committed
+    once its part exists. Returns its manifest rows."""
+    for record, data in rendered:
+        art.atomic_write_bytes(out / record["file"], data)
+    records = [record for record, _ in rendered]
+    art.write_manifest(records, out / PARTS / f"part-{records[0]['index']:06d}.parquet", MANIFEST_SCHEMA)
     return records
 
 
@@ -411,17 +449,23 @@ def check_request(prompts_file: str | Path, model: str, output_root: str | Path,
 
 
 def run_batch(prompts_file: str | Path, model: str, output_root: str | Path, run_name: str, *, date: str | None = None,
-              cfg=None, params=None, overrides: dict | None = None, progress: bool = True, log=print) -> dict:
-    """The whole thing, as the CLI and the flow call it: read, load, plan, generate."""
+              cfg=None, params=None, overrides: dict | None = None, progress: bool = True, log=print,
+              engine: Callable[[Generator, int], Callable] | None = None) -> dict:
+    """The whole thing, as the CLI and the flow call it: read, load, plan, generate.
+
+    ``engine(gen, image_size)`` returns ``generate_batch``'s ``submit`` (chunks drawn elsewhere,
+    ``batch_workers.worker_engine``); this process then loads the model on the CPU, to plan and
+    commit only, and keeps ``2 x batch.workers`` chunks in flight."""
     from diffusion.config import BatchConfig
 
     cfg = cfg or BatchConfig()
     prompts = read_prompts(prompts_file)
     if prompts.skipped:
         log(f"{prompts_file}: skipped {sum(prompts.skipped.values())} rows {prompts.skipped}")
-    gen = load_generator(model, device=cfg.device, params=params)
+    gen = load_generator(model, device="cpu" if engine else cfg.device, params=params)
     rows = plan_rows(gen, prompts, cfg.seed, overrides)
     out = batch_dir(output_root, run_name, date)
+    submit = engine(gen, gen.meta["image_size"]) if engine else None
     summary = generate_batch(gen, rows, out, batch_size=cfg.batch_size, contact_sheet_size=cfg.contact_sheet_size,
-                             progress=progress, log=log)
+                             progress=progress, log=log, submit=submit, window=2 * cfg.workers)
     return {**summary, "skipped": prompts.skipped, "prompts_file": str(prompts_file)}
