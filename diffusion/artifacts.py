@@ -75,6 +75,7 @@ def require(path: str | Path, what: str, maker: str) -> Path:
 SPLITS = ("train", "val")
 SHARD_GLOB = "shard-*.tar"
 STATS = "stats.json"
+DUPLICATES = "duplicates.parquet"  # ingest.dedupe: each dropped sample and the kept key it matched
 
 
 def index_file(shards_dir: str | Path, split: str) -> Path:
@@ -137,7 +138,7 @@ CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.json"  # the MLflow run the model was trained in
 TRAIN_GRID = "train_grid.png"
 LOSS_CURVE = "loss_curve.png"
-LOSS_HISTORY = "loss.csv"  # step,loss: a DVC plot
+LOSS_HISTORY = "loss.csv"  # step,loss,val_loss: a DVC plot
 
 
 def require_model(model_dir: str | Path) -> Path:
@@ -161,8 +162,13 @@ def read_run_file(model_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def write_loss_history(model_dir: str | Path, points: list[tuple[int, float]]) -> Path:
-    lines = ["step,loss"] + [f"{s},{v:.6g}" for s, v in points]
+def write_loss_history(model_dir: str | Path, points: list[tuple[int, float]],
+                       val_points: list[tuple[int, float]] = ()) -> Path:
+    """One row per step that logged either loss; a cell is empty where that loss was not logged
+    (train.log_every and train.val_every differ, or val_loss is off)."""
+    loss, val = dict(points), dict(val_points)
+    cell = lambda d, s: f"{d[s]:.6g}" if s in d else ""  # noqa: E731
+    lines = ["step,loss,val_loss"] + [f"{s},{cell(loss, s)},{cell(val, s)}" for s in sorted(loss.keys() | val.keys())]
     return atomic_write_bytes(Path(model_dir) / LOSS_HISTORY, ("\n".join(lines) + "\n").encode())
 
 
@@ -197,6 +203,7 @@ def read_manifest(samples_dir: str | Path) -> list[dict]:
 
 JUDGE_WEIGHTS = "judge.safetensors"
 JUDGE_INFO = "judge.json"
+RETRIEVAL_DIR = "retrieval"  # the retrieval evaluator, inside the judge stage's folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,11 +220,14 @@ SWEEP_PAGE = "sweep.md"  # the sweep's page, beside its CSVs and plots
 
 
 def write_adherence_plot(metrics: dict, path: str | Path) -> Path:
-    """The adherence numbers as a table (metric, value), e.g. ``held_out.all,0.9``: a DVC bar
-    plot. Header only where the judge does not apply."""
+    """The prompt-adherence numbers that exist for the data as a table (metric, value): a DVC bar
+    plot. The judge's scores per group (``held_out.all,0.9``; built-in set) and the retrieval
+    evaluator's R-precision of generated and real images (``r_precision.generated.seen,0.4``; any data)."""
     lines = ["metric,value"]
     for group, scores in (metrics.get("adherence") or {}).items():
         lines += [f"{group}.{k},{v:.6g}" for k, v in scores.items() if k != "n"]
+    for kind, groups in ((metrics.get("retrieval") or {}).get("r_precision") or {}).items():
+        lines += [f"r_precision.{kind}.{g},{s['mean']:.6g}" for g, s in groups.items() if s["mean"] == s["mean"]]
     return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
