@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -308,3 +309,34 @@ def test_kill_9_then_rerun_gives_identical_shards(tmp_path):
     out = {p.relative_to(tmp_path / "out"): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert set(out) == set(ref)
     assert [k for k in ref if ref[k] != out[k]] == []
+
+
+def test_dropped_duplicates_name_the_kept_key_and_samples_say_when_alpha_was_flattened(tmp_path):
+    """ingest.dedupe writes duplicates.parquet: each dropped sample and the key of the earlier one
+    with the same pixels (across units, and after a resume); a sample whose see-through pixels were
+    drawn over ingest.background says alpha_flattened, an opaque RGBA image does not."""
+    src = tmp_path / "in"
+    src.mkdir()
+    see_through = picture(1, (64, 64), "RGBA")
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, 32:] = 0  # the right half transparent
+    see_through.putalpha(Image.fromarray(alpha))
+    files = {"a_orig.png": encode(picture(2, (64, 64)), "PNG"), "b_alpha.png": encode(see_through, "PNG"),
+             "c_opaque.png": encode(picture(3, (64, 64), "RGBA"), "PNG")}
+    files["d_copy.png"] = files["a_orig.png"]  # the same bytes: unit 1 drops it for unit 0's sample
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+        (src / name).with_suffix(".txt").write_text(f"caption of {name}")
+    conf = cfg("folder", src, image_format="png", samples_per_shard=2, dedupe=True)
+    out = tmp_path / "out"
+    stats = ingest(conf, None, out, progress=False)
+    assert stats["rejected"] == {"duplicate": 1} and stats["accepted"] == 3
+    index = pa.concat_tables([pq.read_table(out / f"index-{s}.parquet") for s in ("train", "val")]).to_pylist()
+    meta = {json.loads(r["meta"])["source_id"]: (r["key"], json.loads(r["meta"])) for r in index}
+    assert [m.get("alpha_flattened") for _, (_, m) in sorted(meta.items())] == [None, True, None]
+    dups = pq.read_table(out / "duplicates.parquet").to_pylist()
+    assert dups == [{"key": stable_key("d_copy.png"), "source_id": "d_copy.png", "kept_key": meta["a_orig.png"][0]}]
+    # killed after unit 0: the resumed run reloads the kept keys and names the same one
+    (out / "_units" / "000001.json").unlink()
+    ingest(conf, None, out, progress=False)
+    assert pq.read_table(out / "duplicates.parquet").to_pylist() == dups

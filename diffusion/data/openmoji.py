@@ -243,9 +243,9 @@ def check_renderer() -> None:
 
 
 def render(svg: bytes, size: int, supersample: int, background: list[int]):
-    """One SVG -> an RGB PIL image ``size`` x ``size``: drawn at ``size * supersample`` with
-    cairo, flattened onto ``background``, then area-averaged down (clean anti-aliased edges).
-    Raises ValueError for an SVG that cannot be drawn."""
+    """One SVG -> (an RGB PIL image ``size`` x ``size``, whether any pixel was see-through): drawn
+    at ``size * supersample`` with cairo, flattened onto ``background``, then area-averaged down
+    (clean anti-aliased edges). Raises ValueError for an SVG that cannot be drawn."""
     import cairosvg
     from PIL import Image
 
@@ -260,4 +260,5 @@ def render(svg: bytes, size: int, supersample: int, background: list[int]):
     flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
     if flat.size != (big, big):  # an SVG without a square viewBox: cairo keeps its aspect ratio
         flat = flat.resize((big, big), Image.Resampling.BOX)
-    return flat.reduce(supersample) if supersample > 1 else flat  # reduce: the mean of each block
+    see_through = rgba.getchannel("A").getextrema()[0] < 255
+    return (flat.reduce(supersample) if supersample > 1 else flat), see_through  # reduce: the mean of each block

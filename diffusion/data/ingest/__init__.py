@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from diffusion.artifacts import SPLITS, STATS, index_file
+from diffusion.artifacts import DUPLICATES, SPLITS, STATS, index_file
 from diffusion.config import DatasetConfig, IngestConfig
 from diffusion.data.ingest.core import REASONS, ProcessedImage, Rejected
 from diffusion.data.ingest.decode import clean_caption, content_hash, process_image
@@ -51,6 +51,9 @@ from diffusion.data.shards import ShardWriter, caption_id, encode_image
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("split", pa.string()), ("shard", pa.string()),
                           ("caption", pa.string()), ("caption_id", pa.string()), ("sha256", pa.string()),
                           ("meta", pa.string())])
+# ingest.dedupe's drops: the dropped sample (its key, where it came from) and the key of the kept
+# sample with the same pixels (an earlier one in input order)
+DUPLICATES_SCHEMA = pa.schema([("key", pa.string()), ("source_id", pa.string()), ("kept_key", pa.string())])
 
 
 @dataclass
@@ -90,7 +93,8 @@ def _rendered(item: RawItem, cfg: IngestConfig) -> ProcessedImage:
     """The built-in set hands over images already drawn at their final size."""
     img = item.rendered
     data = encode_image(img, cfg.image_format, cfg.quality)
-    return ProcessedImage(data, cfg.image_format, img.width, img.height, img.width, img.height, content_hash(img))
+    return ProcessedImage(data, cfg.image_format, img.width, img.height, img.width, img.height, content_hash(img),
+                          {"alpha_flattened": item.alpha_flattened})
 
 
 def process_item(item: RawItem, cfg: IngestConfig, fetched: bytes | Rejected | None = None) -> tuple[Sample, bool]:
@@ -119,6 +123,8 @@ def process_item(item: RawItem, cfg: IngestConfig, fetched: bytes | Rejected | N
     }
     if replaced:
         meta["caption_replaced"] = True
+    if img.notes.get("alpha_flattened"):  # see-through pixels now show ingest.background
+        meta["alpha_flattened"] = True
     return Sample(key, split, img.ext, img.data, caption, meta), replaced
 
 
@@ -201,7 +207,8 @@ def settings_fingerprint(spec: SourceSpec) -> str:
         cfg.pop(k)
     cfg["download"].pop("concurrency")
     extra = dataclasses.asdict(spec.dataset) if spec.kind == "builtin" and spec.dataset else None
-    return json.dumps({"kind": spec.kind, "ingest": cfg, "dataset": extra, "version": 1}, sort_keys=True)
+    # version 2: unit records list their dropped duplicates, samples record alpha_flattened
+    return json.dumps({"kind": spec.kind, "ingest": cfg, "dataset": extra, "version": 2}, sort_keys=True)
 
 
 def _write_if_changed(path: Path, data: bytes) -> bool:
@@ -227,7 +234,7 @@ class Committer:
         self.cfg = spec.ingest
         self.units = units
         self.settings = settings_fingerprint(spec)
-        self.seen: set[bytes] = set()  # 8-byte prefixes of content hashes committed so far
+        self.seen: dict[bytes, str] = {}  # 8-byte prefixes of content hashes committed so far -> their key
         (out_dir / "_units").mkdir(parents=True, exist_ok=True)
         (out_dir / "_index").mkdir(parents=True, exist_ok=True)
 
@@ -250,8 +257,9 @@ class Committer:
             if rec["fingerprint"] != unit.fingerprint(self.settings) or not shards_ok \
                     or not self._fragment_path(unit.index).is_file():
                 break
-            for h in pq.read_table(self._fragment_path(unit.index), columns=["sha256"]).column("sha256").to_pylist():
-                self.seen.add(_dedupe_key(h))
+            kept = pq.read_table(self._fragment_path(unit.index), columns=["sha256", "key"]).to_pydict()
+            for h, key in zip(kept["sha256"], kept["key"]):
+                self.seen.setdefault(_dedupe_key(h), key)
             done += 1
         self._clear_from(done)
         return done
@@ -283,15 +291,16 @@ class Committer:
         rejected = collections.Counter(result.rejected)
         writers = {s: ShardWriter(self.out / s, f"shard-{result.index:06d}", self.cfg.samples_per_shard,
                                   self.cfg.max_shard_bytes) for s in SPLITS}
-        rows = []
+        rows, duplicates = [], []
         try:
             for s in result.samples:
                 if self.cfg.dedupe:
                     h = _dedupe_key(s.meta["sha256"])
                     if h in self.seen:
                         rejected["duplicate"] += 1
+                        duplicates.append({"key": s.key, "source_id": s.meta["source_id"], "kept_key": self.seen[h]})
                         continue
-                    self.seen.add(h)
+                    self.seen[h] = s.key
                 shard = writers[s.split].write(s.key, s.ext, s.image, s.caption, s.meta)
                 rows.append({"key": s.key, "split": s.split, "shard": f"{s.split}/{shard}", "caption": s.caption,
                              "caption_id": s.meta["caption_id"], "sha256": s.meta["sha256"],
@@ -310,7 +319,7 @@ class Committer:
         record = {"unit": result.index, "fingerprint": unit.fingerprint(self.settings), "items": result.items,
                   "accepted": {s: accepted.get(s, 0) for s in SPLITS},
                   "rejected": {k: rejected[k] for k in REASONS if rejected.get(k)},
-                  "captions_replaced": result.captions_replaced, "shards": shards}
+                  "captions_replaced": result.captions_replaced, "shards": shards, "duplicates": duplicates}
         _write_if_changed(self._record_path(result.index), json.dumps(record, indent=1).encode())  # last: commits
         return record
 
@@ -336,8 +345,22 @@ class Committer:
         }
         for split in SPLITS:
             self._merge_index(split)
+        self._write_duplicates([d for r in records for d in r["duplicates"]])
         _write_if_changed(self.out / STATS, (json.dumps(stats, indent=2) + "\n").encode())
         return stats
+
+    def _write_duplicates(self, rows: list[dict]) -> None:
+        """duplicates.parquet (``DUPLICATES_SCHEMA``), in input order; written if changed, and
+        only where ingest.dedupe is on."""
+        path = self.out / DUPLICATES
+        if not self.cfg.dedupe:
+            path.unlink(missing_ok=True)
+            return
+        table = pa.Table.from_pylist(rows, schema=DUPLICATES_SCHEMA)
+        if not (path.is_file() and pq.read_table(path).equals(table)):
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
 
     def _merge_index(self, split: str) -> None:
         """index-<split>.parquet from the unit fragments, streamed (flat memory), written if changed."""

@@ -124,15 +124,21 @@ def _has_alpha(img: Image.Image) -> bool:
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] | list[int]) -> Image.Image:
     """Any Pillow mode -> RGB; transparent pixels are composited over ``background``."""
+    return flatten(img, background)[0]
+
+
+def flatten(img: Image.Image, background: tuple[int, int, int] | list[int]) -> tuple[Image.Image, bool]:
+    """``to_rgb``, and whether any pixel was see-through (so the background shows in the result:
+    the sample's ``alpha_flattened``). An alpha channel that is opaque everywhere flattens nothing."""
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = _to_8bit(img)
     if not _has_alpha(img):
-        return img.convert("RGB")
+        return img.convert("RGB"), False
     if img.mode == "La":  # premultiplied; Pillow has no direct La -> RGBA conversion
         img = img.convert("LA")
     rgba = img.convert("RGBA")
     base = Image.new("RGBA", img.size, (*background, 255))
-    return Image.alpha_composite(base, rgba).convert("RGB")
+    return Image.alpha_composite(base, rgba).convert("RGB"), rgba.getchannel("A").getextrema()[0] < 255
 
 
 def _decode(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, tuple[int, int], dict]:
@@ -150,7 +156,7 @@ def _decode(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, tuple[int, int
         orientation = _orientation(img)
         if orientation in _TRANSPOSED:  # exif_transpose would copy the image even when upright
             img = ImageOps.exif_transpose(img)
-        rgb = to_rgb(img, cfg.background)
+        rgb, notes["alpha_flattened"] = flatten(img, cfg.background)
     except Exception as e:
         raise _rejected(e) from None
     notes["exif_transposed"] = orientation in _TRANSPOSED

@@ -54,7 +54,8 @@ class RawItem:
     meta: dict = field(default_factory=dict)  # source-specific metadata kept in the sample's .json
     split: str | None = None  # forced split (the built-in set); else by key hash
     reject: str | None = None  # already rejected while reading (read_error, unsafe_member, ...)
-    rendered: Any = None  # a ready PIL image at the output size (the built-in set)
+    rendered: Any = None  # a ready PIL image at the output size (the built-in set, OpenMoji)
+    alpha_flattened: bool = False  # rendered: see-through pixels were drawn over ingest.background
 
 
 @dataclass(frozen=True)
@@ -442,8 +443,8 @@ def _read_openmoji(spec: SourceSpec, unit: Unit) -> Iterator[RawItem]:
                 "svg": e["svg"], **e["meta"]}
         item = RawItem(f"openmoji/{e['hexcode']}", caption=e["caption"], meta=meta, split=e["split"])
         try:
-            item.rendered = openmoji.render((root / e["svg"]).read_bytes(), cfg.image_size,
-                                            cfg.openmoji.supersample, cfg.background)
+            item.rendered, item.alpha_flattened = openmoji.render((root / e["svg"]).read_bytes(), cfg.image_size,
+                                                                  cfg.openmoji.supersample, cfg.background)
         except FileNotFoundError:
             item.reject = "missing_image"
         except OSError as err:
