@@ -203,6 +203,7 @@ def read_manifest(samples_dir: str | Path) -> list[dict]:
 
 JUDGE_WEIGHTS = "judge.safetensors"
 JUDGE_INFO = "judge.json"
+RETRIEVAL_DIR = "retrieval"  # the retrieval evaluator, inside the judge stage's folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +220,14 @@ SWEEP_PAGE = "sweep.md"  # the sweep's page, beside its CSVs and plots
 
 
 def write_adherence_plot(metrics: dict, path: str | Path) -> Path:
-    """The adherence numbers as a table (metric, value), e.g. ``held_out.all,0.9``: a DVC bar
-    plot. Header only where the judge does not apply."""
+    """The prompt-adherence numbers that exist for the data as a table (metric, value): a DVC bar
+    plot. The judge's scores per group (``held_out.all,0.9``; built-in set) and the retrieval
+    evaluator's R-precision of generated and real images (``r_precision.generated.seen,0.4``; any data)."""
     lines = ["metric,value"]
     for group, scores in (metrics.get("adherence") or {}).items():
         lines += [f"{group}.{k},{v:.6g}" for k, v in scores.items() if k != "n"]
+    for kind, groups in ((metrics.get("retrieval") or {}).get("r_precision") or {}).items():
+        lines += [f"r_precision.{kind}.{g},{s['mean']:.6g}" for g, s in groups.items() if s["mean"] == s["mean"]]
     return atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 

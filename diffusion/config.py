@@ -551,7 +551,10 @@ class PromoteConfig:
 
     auto: bool = True  # the pipeline's promote stage applies the policy to each new version
     alias: str = "champion"  # the alias the winner takes (batch.model_uri names it)
-    metric: str = "adherence.held_out.all"  # a metric tag of the versions (as in reports/metrics.json)
+    # a metric tag of the versions (as in reports/metrics.json); auto: adherence.held_out.all on the
+    # built-in set, retrieval.r_precision.generated.all.mean on any other data. A metric the evaluation
+    # cannot produce here (the judge's off the built-in set, FID without weights) is refused before training
+    metric: str = "auto"
     direction: str = "maximize"  # maximize | minimize
     min_margin: float = 0.01  # the candidate must beat the champion by at least this much
     floor: float = 0.5  # a first champion must reach this (maximize: >=, minimize: <=)

@@ -3,10 +3,11 @@
     t2i ingest   --out DIR [--source folder --input PATH]
     t2i latents  --shards DIR --out DIR          encode the images with latents.vae (off while null)
     t2i embed    --shards DIR --out DIR
-    t2i judge    --shards DIR --out DIR --metrics FILE
+    t2i judge    --shards DIR --out DIR --metrics FILE [--embeddings DIR]
     t2i train    --shards DIR --embeddings DIR --out DIR [--latents DIR]
     t2i sample   --shards DIR --model DIR --out DIR
-    t2i evaluate --samples DIR --judge DIR --model DIR --metrics FILE [--shards DIR --report FILE --plots FILE]
+    t2i evaluate --samples DIR --judge DIR --model DIR --metrics FILE [--shards DIR --embeddings DIR
+                 --report FILE --plots FILE]
     t2i sweep    --shards DIR --model DIR --judge DIR --out DIR   quality against cost (samplers, steps, guidance)
     t2i register --model DIR --metrics FILE --out FILE
     t2i promote  [--registered FILE --out FILE | --version N] [--model-name NAME]
@@ -60,15 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     add("latents", "encode every image once with the autoencoder of latents.vae (off while it is null)",
         "shards", "out")
     add("embed", "precompute caption embeddings with the open_clip text tower", "shards", "out")
-    add("judge", "train the evaluation judge on real images", "shards", "out", "metrics")
+    p = add("judge", "train the evaluators: the judge (built-in set) and the retrieval evaluator (any data)",
+            "shards", "out", "metrics")
+    p.add_argument("--embeddings", help="the embed stage's folder: also train the retrieval evaluator "
+                                        "(R-precision and FD on any data)")
     p = add("train", "train the denoiser", "shards", "embeddings", "out")
     p.add_argument("--latents", help="the latents stage's folder: train on its latents when latents.vae is set")
     add("sample", "generate the evaluation images", "shards", "model", "out")
-    p = add("evaluate", "score generated images with the judge", "samples", "judge", "model", "metrics")
+    p = add("evaluate", "score generated images (judge, retrieval evaluator, fidelity, FID/KID/CLIP)", "samples", "judge", "model", "metrics")
     p.add_argument("--plots", help="also write the adherence table (CSV) for dvc plots")
     p.add_argument("--shards", help="real validation images for FD-judge, fidelity and FID/KID (default: none)")
     p.add_argument("--report", help="also write the readable evaluation page (markdown) here")
     add("sweep", "quality against cost: every sampler and step count, then guidance scales",
+    p.add_argument("--embeddings", help="the embed stage's folder: with --shards, the retrieval metrics "
+                                        "(where the judge stage trained the retrieval evaluator)")
         "shards", "model", "judge", "out")
     add("register", "log the model to MLflow and register a new version", "model", "metrics", "out")
     _add_registry_commands(add)
@@ -168,7 +174,7 @@ def _evaluate(p, a):
     from diffusion.artifacts import write_adherence_plot
     from flows.stages import evaluate_flow
 
-    metrics = evaluate_flow(p, a.samples, a.judge, a.model, a.metrics, a.shards, a.report)
+    metrics = evaluate_flow(p, a.samples, a.judge, a.model, a.metrics, a.shards, a.report, a.embeddings)
     if a.plots:
         write_adherence_plot(metrics, a.plots)
 
@@ -246,7 +252,7 @@ def _summary(p, a):
 COMMANDS: dict[str, Callable] = {
     "ingest": _ingest,
     "embed": _stage("embed", "shards", "out"),
-    "judge": _stage("judge", "shards", "out", "metrics"),
+    "judge": _stage("judge", "shards", "out", "metrics", "embeddings"),
     "latents": _stage("latents", "shards", "out"),
     "train": _train,
     "sample": _stage("sample", "shards", "model", "out"),
@@ -304,6 +310,10 @@ class _Stop:
     children: list = []
 
     @classmethod
+    if args.command == "train" and os.environ.get("RANK", "0") == "0":
+        from diffusion.evaluation.evaluate import check_promotion_metric
+
+        check_promotion_metric(p)  # a policy that could never decide is refused before training, not after
     def install(cls) -> None:
         import atexit
         import signal

@@ -63,11 +63,14 @@ def train_flow(project_dir: str = ".", stages: list[str] | None = None, force: b
     unknown = [s for s in chosen if s not in STAGES + OPTIONAL_STAGES]
     if unknown:
         raise T2IError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES + OPTIONAL_STAGES)}")
+    from diffusion.config import load_params
+    from diffusion.evaluation.evaluate import check_promotion_metric
+
+    check_promotion_metric(load_params(project / "params.yaml"))  # before any stage: not after training
     api_url = current_api_url()
     for stage in chosen:
         repro_stage(stage, str(project), force, api_url)
     from diffusion.registry import tracking
-    from diffusion.config import load_params
     from flows.project import summary
 
     text = summary(project, tracking.tracking_uri(load_params(project / "params.yaml").mlflow))

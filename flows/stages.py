@@ -35,8 +35,9 @@ def embed_task(p: Params, shards_dir: str, out_dir: str) -> dict:
 
 
 @task(name="judge")
-def judge_task(p: Params, shards_dir: str, out_dir: str, metrics_file: str) -> dict | None:
-    return stages.judge(p, shards_dir, out_dir, metrics_file)
+def judge_task(p: Params, shards_dir: str, out_dir: str, metrics_file: str,
+               embeddings_dir: str | None = None) -> dict:
+    return stages.judge(p, shards_dir, out_dir, metrics_file, embeddings_dir)
 
 
 @task(name="train")
@@ -51,8 +52,10 @@ def sample_task(p: Params, shards_dir: str, model_dir: str, out_dir: str) -> dic
 
 @task(name="evaluate")
 def evaluate_task(p: Params, samples_dir: str, judge_dir: str, model_dir: str, metrics_file: str,
-                  shards_dir: str | None = None, report_file: str | None = None) -> dict:
-    return stages.evaluate(p, samples_dir, judge_dir, model_dir, metrics_file, shards_dir, report_file)
+                  shards_dir: str | None = None, report_file: str | None = None,
+                  embeddings_dir: str | None = None) -> dict:
+    return stages.evaluate(p, samples_dir, judge_dir, model_dir, metrics_file, shards_dir, report_file,
+                           embeddings_dir)
 
 
 @task(name="sweep")
@@ -145,8 +148,9 @@ def embed_flow(p: Params, shards_dir: str, out_dir: str) -> dict:
 
 
 @flow(name="stage-judge", log_prints=True)
-def judge_flow(p: Params, shards_dir: str, out_dir: str, metrics_file: str) -> dict | None:
-    return judge_task(p, shards_dir, out_dir, metrics_file)
+def judge_flow(p: Params, shards_dir: str, out_dir: str, metrics_file: str,
+               embeddings_dir: str | None = None) -> dict:
+    return judge_task(p, shards_dir, out_dir, metrics_file, embeddings_dir)
 
 
 @flow(name="stage-train", log_prints=True)
@@ -161,8 +165,10 @@ def sample_flow(p: Params, shards_dir: str, model_dir: str, out_dir: str) -> dic
 
 @flow(name="stage-evaluate", log_prints=True)
 def evaluate_flow(p: Params, samples_dir: str, judge_dir: str, model_dir: str, metrics_file: str,
-                  shards_dir: str | None = None, report_file: str | None = None) -> dict:
-    return evaluate_task(p, samples_dir, judge_dir, model_dir, metrics_file, shards_dir, report_file)
+                  shards_dir: str | None = None, report_file: str | None = None,
+                  embeddings_dir: str | None = None) -> dict:
+    return evaluate_task(p, samples_dir, judge_dir, model_dir, metrics_file, shards_dir, report_file,
+                         embeddings_dir)
 
 
 @flow(name="stage-register", log_prints=True)

@@ -23,6 +23,7 @@ TINY = {
     "dataset": {"n_train": 240, "n_val": 60},
     "ingest": {"samples_per_shard": 100},
     "judge": {"n_images": 600, "steps": 40, "batch_size": 64},
+    "retrieval": {"steps": 40, "batch_size": 64, "width": 16, "dim": 64},
     "train": {"steps": 12, "batch_size": 16, "warmup_steps": 4, "checkpoint_every": 6, "log_every": 4,
               "shuffle_buffer": 50, "unet": {"channels": 16, "channel_mult": [1, 2], "attn_levels": [1], "heads": 2}},
     "sample": {"steps": 4, "per_combo": 1, "new_wording_per_combo": 1, "partial_per_combo": 0, "batch_size": 64,

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import tiny_params_dict
+from e2e_helpers import BIN, base_env
 from diffusion.config import PromoteConfig
 from diffusion.errors import T2IError
 from diffusion.registry.promote import HISTORY_TAG, decide, promote, rollback
@@ -240,3 +241,36 @@ def test_cli_promote_rollback_lineage(tmp_path, store, prefect_server):
     assert r.returncode == 2 and "has no version 9" in r.stderr
     r = cli("pipeline", "--stage", "tran")
     assert r.returncode == 2 and "invalid choice: 'tran'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_promotion_metric_must_exist_for_the_data_before_training(tmp_path):
+    """promote.metric auto follows the data; a metric the evaluation cannot produce here is refused
+    in one line by `t2i train` before anything is trained (and by train-flow before any stage)."""
+    import subprocess
+
+    from diffusion.config import parse_params
+    from diffusion.errors import ConfigError
+    from diffusion.evaluation.evaluate import check_promotion_metric
+
+    data = tiny_params_dict()
+    assert check_promotion_metric(parse_params(data, "t")) == "adherence.held_out.all"
+    data["ingest"].update(source="folder", path=str(tmp_path))
+    assert check_promotion_metric(parse_params(data, "t")) == "retrieval.r_precision.generated.all.mean"
+    data["promote"]["metric"] = "adherence.held_out.all"
+    with pytest.raises(ConfigError, match="only for the built-in set.*promote.metric to auto"):
+        check_promotion_metric(parse_params(data, "t"))
+    data["promote"]["metric"] = "image.fid"
+    data["evaluate"]["inception_weights"] = str(tmp_path / "missing.pth")
+    with pytest.raises(ConfigError, match="Inception weights file not found"):
+        check_promotion_metric(parse_params(data, "t"))
+    data["promote"]["metric"] = "loss.final"
+    with pytest.raises(ConfigError, match="none of adherence"):
+        check_promotion_metric(parse_params(data, "t"))
+    # the CLI: one line, exit 2, nothing trained (the inputs need not even exist)
+    data["promote"]["metric"] = "image.fid"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    r = subprocess.run([str(BIN / "t2i"), "train", "--params", str(tmp_path / "params.yaml"), "--shards", "nowhere",
+                        "--embeddings", "nowhere", "--out", str(tmp_path / "model")], capture_output=True, text=True,
+                       timeout=300, env=base_env())
+    assert r.returncode == 2 and "promote.metric 'image.fid' cannot be measured here" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "model").exists()

@@ -5,6 +5,7 @@ instead of failing."""
 import json
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import tiny_params_dict
 from corpus import encode, picture
@@ -30,8 +31,11 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch, inception
     assert stats["accepted"] == 40 and stats["image_size"] == 16
     assert 0 < stats["splits"]["val"]["accepted"] < 20
     stages.embed(p, tmp_path / "shards", tmp_path / "emb")
-    judge = stages.judge(p, tmp_path / "shards", tmp_path / "judge", tmp_path / "reports/judge.json")
-    assert judge is None
+    judge = stages.judge(p, tmp_path / "shards", tmp_path / "judge", tmp_path / "reports/judge.json", tmp_path / "emb")
+    assert judge["judge"] is None  # the attribute judge reads the built-in set's attributes
+    # the retrieval evaluator, trained on these pairs, scored on the real validation pairs
+    assert judge["retrieval"]["r_precision"] == judge["retrieval"]["r_precision"]
+    assert json.loads((tmp_path / "reports/judge.json").read_text()) == judge
     info = stages.train(p, tmp_path / "shards", tmp_path / "emb", tmp_path / "model", progress=False)
     assert info["steps"] == p.train.steps
     stages.sample(p, tmp_path / "shards", tmp_path / "model", tmp_path / "samples", progress=False)
@@ -39,8 +43,19 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch, inception
     val_captions = set(pq.read_table(tmp_path / "shards/index-val.parquet").column("caption").to_pylist())
     assert manifest and {r["prompt"] for r in manifest} <= val_captions
     metrics = stages.evaluate(p, tmp_path / "samples", tmp_path / "judge", tmp_path / "model",
-                              tmp_path / "reports/metrics.json", tmp_path / "shards", tmp_path / "reports/evaluation.md")
+                              tmp_path / "reports/metrics.json", tmp_path / "shards", tmp_path / "reports/evaluation.md",
+                              tmp_path / "emb")
     assert metrics["adherence"] is None and "built-in" in metrics["note"] and metrics["fd_judge"] is None
+    # a prompt-adherence number for any data: R-precision of generated and real images, seen / held-out
+    rp = metrics["retrieval"]["r_precision"]
+    assert rp["generated"]["all"]["n"] == len(manifest) and rp["real"]["all"]["n"] > 0
+    assert rp["generated"]["all"]["n"] == rp["generated"]["seen"]["n"] + rp["generated"]["held_out"]["n"]
+    assert 0 <= rp["generated"]["all"]["mean"] <= 1 and rp["generated"]["all"]["chance"] > 0
+    assert metrics["retrieval"]["fd"]["generated"] > 0
+    from diffusion.artifacts import write_adherence_plot
+
+    plot = write_adherence_plot(metrics, tmp_path / "reports/adherence.csv").read_text().splitlines()
+    assert plot[0] == "metric,value" and "r_precision.generated.all" in {line.split(",")[0] for line in plot}
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["samples"] == len(manifest)
     # metrics on any data: FID and KID against the real validation images, fidelity; CLIP skipped (no weights)
     image = metrics["image"]
@@ -49,4 +64,10 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch, inception
     assert metrics["fidelity"]["generated"]["grain"] >= 0 and metrics["fidelity"]["real"] is not None
     assert len(list((tmp_path / "eval-cache").glob("*.npz"))) == 1  # the real set's features, cached
     page = (tmp_path / "reports/evaluation.md").read_text()
-    assert "Adherence: not applicable" in page and "| FID |" in page
+    assert "Adherence: not applicable" in page and "| FID |" in page and "R-precision" in page
+    # promotion on a metric that exists for this data: promote.metric auto is the R-precision
+    stages.register(p, tmp_path / "model", tmp_path / "reports/metrics.json", tmp_path / "reports/registered.json",
+                    tmp_path)
+    decision = stages.promote(p, tmp_path / "reports/registered.json", tmp_path / "reports/promotion.json")
+    assert decision["metric"] == "retrieval.r_precision.generated.all.mean" and decision["outcome"] == "promoted"
+    assert decision["candidate_value"] == pytest.approx(rp["generated"]["all"]["mean"], abs=1e-4)  # tags: 4 digits

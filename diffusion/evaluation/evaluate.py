@@ -7,6 +7,11 @@ Metrics (``evaluate_samples``; reports/metrics.json)::
     fd_judge.{generated,real_floor,n_generated,n_real} Frechet distance in the judge's feature space
     fidelity.{generated,real}.{speckle,grain}          pixel noise where the data is flat (see ``fidelity``)
     image.{fid,kid.mean,kid.std,clip_score}            standard metrics, each where its weights are present
+    retrieval.r_precision.{generated,real}.{all,seen,held_out}.{mean,n,chance}
+                                                       the retrieval evaluator (any data): is the prompt
+                                                       ranked first among itself and 99 validation captions
+    retrieval.fd.{generated,real_floor,n_generated,n_real}  Frechet distance in its image features
+    retrieval.evaluator.{...}                          its own scores on real validation pairs
     fingerprint.{prompts,judge,sampling,id}            what they were measured on
 
 "all" is the fraction of images with every attribute the prompt names right. ``overall``/``seen``/
@@ -18,7 +23,8 @@ numbers are comparable only when their ``fingerprint.id`` is the same (the promo
 refuses otherwise).
 
 The judge's adherence and FD-judge exist only for the built-in data (the judge reads its
-attributes); fidelity works on any data, and FID/KID/CLIP score on any data with their weights.
+attributes); the retrieval block and fidelity work on any data (the retrieval evaluator is trained
+by the judge stage on the dataset's own pairs), and FID/KID/CLIP score on any data with their weights.
 A metric that cannot be computed is recorded with the reason, never a crash.
 """
 
@@ -32,10 +38,13 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from diffusion.artifacts import JUDGE_INFO, JUDGE_WEIGHTS, read_manifest
-from diffusion.config import EvaluateConfig
+from diffusion.artifacts import JUDGE_INFO, JUDGE_WEIGHTS, RETRIEVAL_DIR, read_manifest
+from diffusion.config import EvaluateConfig, Params
+from diffusion.errors import ConfigError
 from diffusion.evaluation.judge import embed, groups_of, labels_from_metas, load_judge, predict, score
 from diffusion.evaluation.metrics import frechet_distance_features, real_data_metrics
+from diffusion.evaluation.retrieval import INFO as RETRIEVAL_INFO
+from diffusion.evaluation.retrieval import WEIGHTS as RETRIEVAL_WEIGHTS
 
 SPECKLE_LEVELS = 24  # a background pixel this many 8-bit levels off the background colour is a speck
 OBJECT_LEVELS = 40  # pixels this far off the background colour may belong to the object
@@ -46,11 +55,12 @@ def _sha(obj) -> str:
 
 
 def evaluation_fingerprint(rows: list[dict], judge_dir: str | Path, sampling: dict) -> dict:
-    """What a set of metrics was measured on: the prompt set (prompts and seeds), the judge (its
-    weights and vocabulary) and the sampler settings; ``id`` hashes all three."""
+    """What a set of metrics was measured on: the prompt set (prompts and seeds), the evaluators
+    (the judge's weights and vocabulary, and the retrieval evaluator's where the judge stage
+    trained one) and the sampler settings; ``id`` hashes all three."""
     d = Path(judge_dir)
     judge = hashlib.sha256()
-    for name in (JUDGE_INFO, JUDGE_WEIGHTS):
+    for name in (JUDGE_INFO, JUDGE_WEIGHTS, f"{RETRIEVAL_DIR}/{RETRIEVAL_INFO}", f"{RETRIEVAL_DIR}/{RETRIEVAL_WEIGHTS}"):
         if (d / name).is_file():
             judge.update((d / name).read_bytes())
     fp = {"prompts": _sha([(r["prompt"], int(r["seed"])) for r in rows]), "judge": judge.hexdigest()[:16],
@@ -143,10 +153,11 @@ def score_images(images: np.ndarray, rows: list[dict], judge, info: dict, real: 
 
 def evaluate_samples(samples_dir: str | Path, judge_dir: str | Path,
                      real_images: Callable[[int], np.ndarray] | None = None, cfg: EvaluateConfig | None = None,
-                     real_key: dict | None = None, progress: bool = True) -> dict:
+                     real_key: dict | None = None, progress: bool = True, retrieval: dict | None = None) -> dict:
     """Every metric of the module docstring for the sample stage's output. ``real_images(n)``
     returns up to n real validation images (uint8, N x H x W x 3); ``real_key`` identifies that
-    real set for the reference-statistics cache."""
+    real set for the reference-statistics cache; ``retrieval``: the keyword arguments of
+    ``retrieval_metrics`` but the images and rows (None: no retrieval metrics)."""
     samples = Path(samples_dir)
     cfg = cfg or EvaluateConfig()
     rows = read_manifest(samples)
@@ -167,7 +178,21 @@ def evaluate_samples(samples_dir: str | Path, judge_dir: str | Path,
             inception_weights=cfg.inception_weights, clip_model=cfg.clip_model, clip_pretrained=cfg.clip_pretrained,
             real_key={**(real_key or {}), "n": len(real)}, cache_dir=cache_dir(cfg), device=_device(cfg),
             kid_subset_size=cfg.kid_subset_size, progress=progress)
+    if retrieval is not None:
+        result["retrieval"] = retrieval_metrics(images, rows, n_real=cfg.real_images, **retrieval)
     return result
+
+
+def retrieval_metrics(images: np.ndarray, rows: list[dict], directory: str | Path, table, val_urls: list[str],
+                      val_captions: list[str], train_captions: set[str], n_real: int) -> dict:
+    """The retrieval evaluator's block (``retrieval.evaluate_retrieval``) for generated ``images``
+    of prompt ``rows``: beside up to ``n_real`` real validation images with their captions, the
+    distinct validation captions as distractors, seen/held-out split by the training captions."""
+    from diffusion.evaluation.retrieval import evaluate_retrieval, read_pairs
+
+    real, real_captions = read_pairs(val_urls, table, n_real, images.shape[1])
+    return evaluate_retrieval(directory, table, images, [r["prompt"] for r in rows], real, real_captions,
+                              sorted(set(val_captions)), train_captions)
 
 
 def cache_dir(cfg: EvaluateConfig) -> Path:
@@ -178,3 +203,43 @@ def _device(cfg: EvaluateConfig) -> str:
     from diffusion.data.text import pick_device
 
     return str(pick_device(cfg.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# The promotion metric: one the evaluation produces for this data, on this machine
+
+AUTO_METRIC = {True: "adherence.held_out.all", False: "retrieval.r_precision.generated.all.mean"}
+BUILTIN_ONLY = ("adherence.", "judge.", "fd_judge.")  # the judge reads the built-in set's attributes
+ANY_DATA = ("retrieval.", "fidelity.")  # the retrieval evaluator and fidelity work on any data
+
+
+def promotion_metric(p: Params) -> str:
+    """``promote.metric``, with "auto" resolved for the data: the judge's held-out all-correct on the
+    built-in set, else the retrieval evaluator's R-precision of generated images."""
+    m = p.promote.metric
+    return AUTO_METRIC[p.ingest.source == "builtin"] if m == "auto" else m
+
+
+def check_promotion_metric(p: Params) -> str:
+    """The promotion metric, resolved; a ``ConfigError`` (one line) when the evaluation cannot
+    produce it for this data (the judge's metrics off the built-in set) or on this machine (FID/KID
+    without Inception weights, the CLIP score without CLIP weights). Run before training, so a
+    policy that could never decide is refused before hours are spent."""
+    from diffusion.evaluation.metrics import resolve_clip, resolve_inception_weights
+
+    metric, builtin = promotion_metric(p), p.ingest.source == "builtin"
+    why = None
+    if metric.startswith(BUILTIN_ONLY) and not builtin:
+        why = f"the judge's metrics exist only for the built-in set (ingest.source is {p.ingest.source})"
+    elif metric.startswith(("image.fid", "image.kid")):
+        found, reason = resolve_inception_weights(p.evaluate.inception_weights)
+        why = None if found else reason
+    elif metric.startswith("image.clip_score"):
+        spec, reason = resolve_clip(p.evaluate.clip_model, p.evaluate.clip_pretrained)
+        why = reason if spec is None else None
+    elif not metric.startswith(BUILTIN_ONLY + ANY_DATA):
+        why = "it is none of adherence.*, judge.*, fd_judge.*, retrieval.*, fidelity.*, image.{fid,kid,clip_score}"
+    if why:
+        raise ConfigError(f"promote.metric {metric!r} cannot be measured here: {why}; "
+                          f"set promote.metric to auto ({AUTO_METRIC[builtin]} for this data)")
+    return metric

@@ -42,7 +42,7 @@ def evaluation_page(metrics: dict, page: str | Path, grid: str | Path | None = N
              + f". Fingerprint `{(metrics.get('fingerprint') or {}).get('id', '-')}`.", ""]
     if grid and Path(grid).is_file():
         lines += [f"![sample grid]({_rel(grid, page)})", ""]
-    lines += _adherence_lines(metrics) + _fidelity_lines(metrics)
+    lines += _adherence_lines(metrics) + _retrieval_lines(metrics.get("retrieval")) + _fidelity_lines(metrics)
     if metrics.get("image"):
         lines += _standard_metrics_lines(metrics["image"])
     if sweep_page is not None:
@@ -69,6 +69,32 @@ def _adherence_lines(metrics: dict) -> list[str]:
     from diffusion.evaluation.judge import GROUPS
 
     return lines + [""] + [f"- *{g}*: {GROUPS[g]}" for g in adherence if g in GROUPS] + [""]
+
+
+def _retrieval_lines(block: dict | None) -> list[str]:
+    """The page's R-precision table (the retrieval evaluator, any data): generated against real
+    images of the same captions, per group, with chance; the FD in its features; how far to trust it."""
+    if not block:
+        return []
+    rp = block["r_precision"]
+    lines = ["## Prompt adherence (R-precision, the retrieval evaluator)", "",
+             "Is an image's prompt ranked first among itself and up to 99 other validation captions, by a small "
+             "image-text model trained on this dataset's own pairs?", "",
+             "| captions | generated | n | real images | n | chance |", "|---|---|---|---|---|---|"]
+    for group in ("all", "seen", "held_out"):
+        g, r = rp["generated"].get(group) or {}, rp["real"].get(group) or {}
+        lines.append(f"| {group.replace('_', '-')} | {_pct(g.get('mean'))} | {g.get('n', 0)} | {_pct(r.get('mean'))} | "
+                     f"{r.get('n', 0)} | {_pct(g.get('chance'))} |")
+    fd, ev = block.get("fd") or {}, block.get("evaluator") or {}
+    lines += ["", f"FD in its image features: generated {_num(fd.get('generated'))}, real floor "
+              f"{_num(fd.get('real_floor'))} ({fd.get('n_generated')} generated, {fd.get('n_real')} real)."]
+    if ev:
+        lines.append("The evaluator on real validation pairs: " + ", ".join(
+            f"{k.replace('_', ' ')} {_pct(v)}" for k, v in ev.items() if isinstance(v, float)) + ".")
+    if block.get("no_embedding"):
+        lines.append(f"{block['no_embedding']} prompts had no embedding (wordings the embed stage never saw): "
+                     "left out of R-precision.")
+    return lines + [""]
 
 
 def _fidelity_lines(metrics: dict) -> list[str]:

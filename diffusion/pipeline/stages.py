@@ -46,8 +46,12 @@ def embed(p: Params, shards_dir: str | Path, out_dir: str | Path) -> dict:
     return {"captions": len(table.rows), "tokens": list(table.tokens.shape), "fingerprint": table.fingerprint}
 
 
-def judge(p: Params, shards_dir: str | Path, out_dir: str | Path, metrics_file: str | Path) -> dict | None:
-    """Train the attribute judge (built-in set only; other data gets a "not applicable" record)."""
+def judge(p: Params, shards_dir: str | Path, out_dir: str | Path, metrics_file: str | Path,
+          embeddings_dir: str | Path | None = None) -> dict:
+    """Train the evaluators: the attribute judge (built-in set only; other data gets a "not
+    applicable" record) and, with ``embeddings_dir``, the retrieval evaluator on the real train
+    pairs of any data (in ``out_dir``/retrieval). Returns and writes {judge, retrieval}: each
+    one's scores on the real validation pairs (None where it does not apply)."""
     from diffusion.evaluation.judge import build_judge, save_not_applicable
 
     if p.ingest.source != "builtin":
@@ -55,8 +59,17 @@ def judge(p: Params, shards_dir: str | Path, out_dir: str | Path, metrics_file: 
         metrics = None
     else:
         metrics = build_judge(p.dataset, p.judge, art.shard_urls(shards_dir, "val"), out_dir)
-    art.write_json(metrics_file, {"judge": metrics})
-    return metrics
+    record = {"judge": metrics, "retrieval": None}
+    if embeddings_dir is not None:
+        from diffusion.data.text import EmbeddingTable
+        from diffusion.evaluation.retrieval import build_retrieval
+
+        table = EmbeddingTable.load(art.require(embeddings_dir, "embeddings", "embed"))
+        record["retrieval"] = build_retrieval(p.retrieval, art.shard_urls(shards_dir, "train"),
+                                              art.shard_urls(shards_dir, "val"), table,
+                                              Path(out_dir) / art.RETRIEVAL_DIR)
+    art.write_json(metrics_file, record)
+    return record
 
 
 def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir: str | Path,
@@ -73,6 +86,7 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
         raise MissingInputError(f"latents.vae is set but {latents_dir or '(no --latents folder)'} holds no latents: "
                                 "run the latents stage first")
     urls, latent = found if found else (art.shard_urls(shards_dir, "train"), None)
+    val_urls = art.list_shards(Path(latents_dir if latent else shards_dir) / "val")  # train.val_every's
     table = EmbeddingTable.load(art.require(embeddings_dir, "embeddings", "embed"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,11 +96,11 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
 
     rank = distributed.launched_rank()
     if rank:  # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
-        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False)
+        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False, val_urls=val_urls)
         return {"rank": rank}
     with _train_run(p, out, table, image_size, latent) as (run, logger):
         train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, logger=logger, grid_fn=grid_fn,
-                   progress=progress)
+                   progress=progress, val_urls=val_urls)
     meta = art.model_meta(out)
     return {"run_id": run.info.run_id, "steps": meta["steps_done"], "train_img_per_s": meta["train_img_per_s"],
             "train_seconds": meta["train_seconds"], "device": meta["device"]}
@@ -150,7 +164,7 @@ def _train_run(p: Params, out: Path, table, image_size: int, latent):
         logger = tracking.MlflowLogger()
         yield run, logger
         curve = logger.loss_curve()
-        art.write_loss_history(out, logger.history.get("loss", []))
+        art.write_loss_history(out, logger.history.get("loss", []), logger.history.get("val_loss", []))
         if curve is not None:
             curve.save(out / art.LOSS_CURVE)
             mlflow.log_image(curve, art.LOSS_CURVE)
@@ -194,9 +208,10 @@ def sample(p: Params, shards_dir: str | Path, model_dir: str | Path, out_dir: st
 
 def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_dir: str | Path,
              metrics_file: str | Path, shards_dir: str | Path | None = None,
-             report_file: str | Path | None = None) -> dict:
+             report_file: str | Path | None = None, embeddings_dir: str | Path | None = None) -> dict:
     """Score the sample stage's images (``diffusion.evaluation.evaluate``): against real validation images
-    from ``shards_dir`` where given; the readable page goes to ``report_file``."""
+    from ``shards_dir`` where given, with the retrieval evaluator where the judge stage trained one
+    and ``embeddings_dir`` and ``shards_dir`` are given; the readable page goes to ``report_file``."""
     import mlflow
 
     from diffusion.registry import tracking
@@ -206,7 +221,8 @@ def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_di
 
     real = (lambda n: val_images(shards_dir, n)) if shards_dir else None
     metrics = evaluate_samples(samples_dir, art.require(judge_dir, "judge", "judge"), real, p.evaluate,
-                               art.val_identity(shards_dir) if shards_dir else None)
+                               art.val_identity(shards_dir) if shards_dir else None,
+                               retrieval=_retrieval_inputs(judge_dir, embeddings_dir, shards_dir))
     art.write_json(metrics_file, metrics)
     grid = Path(samples_dir) / art.GRID
     if report_file:
@@ -220,6 +236,19 @@ def evaluate(p: Params, samples_dir: str | Path, judge_dir: str | Path, model_di
             if report_file:
                 mlflow.log_artifact(str(report_file), "evaluation")
     return metrics
+
+
+def _retrieval_inputs(judge_dir, embeddings_dir, shards_dir) -> dict | None:
+    """What ``evaluate_samples`` needs for the retrieval metrics, or None where the judge stage
+    trained no retrieval evaluator or the embeddings or real shards are not given."""
+    directory = Path(judge_dir) / art.RETRIEVAL_DIR
+    if embeddings_dir is None or shards_dir is None or not directory.is_dir():
+        return None
+    from diffusion.data.text import EmbeddingTable
+
+    return {"directory": directory, "table": EmbeddingTable.load(art.require(embeddings_dir, "embeddings", "embed")),
+            "val_urls": art.shard_urls(shards_dir, "val"), "val_captions": art.split_captions(shards_dir, "val"),
+            "train_captions": set(art.split_captions(shards_dir, "train"))}
 
 
 def sweep(p: Params, shards_dir: str | Path, model_dir: str | Path, judge_dir: str | Path,
@@ -284,7 +313,9 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
     run = art.read_run_file(model_dir)
     flat = tracking.evaluation_metrics(metrics)
     keep = {k: v for k, v in flat.items() if k.endswith((".all", ".shape", ".color", ".size", ".position"))
-            or k in ("fd_judge.generated", "fidelity.generated.speckle", "image.fid", "image.clip_score")}
+            or (k.startswith("retrieval.r_precision.") and k.endswith(".mean"))
+            or k in ("fd_judge.generated", "fidelity.generated.speckle", "image.fid", "image.clip_score",
+                     "retrieval.fd.generated", "retrieval.fd.real_floor")}
     evaluation = metrics.get("fingerprint") or {}
     tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"))
     info = log_and_register(model_dir, encoder, p.sample, keep, p.register.model_name,
@@ -313,8 +344,11 @@ def promote(p: Params, registered_file: str | Path | None, out_file: str | Path 
             if out_file is not None:
                 art.write_json(out_file, result)
             return result
+    from diffusion.evaluation.evaluate import promotion_metric
+
     tracking.setup(p.mlflow)
-    decision = run_policy(mlflow.MlflowClient(), tracking.tracking_uri(p.mlflow), name, p.promote, version)
+    policy = replace(p.promote, metric=promotion_metric(p))
+    decision = run_policy(mlflow.MlflowClient(), tracking.tracking_uri(p.mlflow), name, policy, version)
     result = decision.as_dict()
     if out_file is not None:
         art.write_json(out_file, result)

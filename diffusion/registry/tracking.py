@@ -95,7 +95,9 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 def evaluation_metrics(metrics: dict) -> dict[str, float]:
     """The numbers of reports/metrics.json worth logging: adherence.*, judge.*, fd_judge.*,
-    fidelity.* and image.{fid,kid,clip_score} (each absent where it does not apply)."""
+    fidelity.*, image.{fid,kid,clip_score} and retrieval.{r_precision,fd,evaluator}.* (each absent
+    where it does not apply)."""
     image = {k: v for k, v in (metrics.get("image") or {}).items() if k in ("fid", "kid", "clip_score")}
+    retrieval = {k: v for k, v in (metrics.get("retrieval") or {}).items() if k in ("r_precision", "fd", "evaluator")}
     parts = {k: metrics.get(k) or {} for k in ("adherence", "judge", "fd_judge", "fidelity")}
-    return flat_metrics({**parts, "image": image})
+    return flat_metrics({**parts, "image": image, "retrieval": retrieval})
