@@ -49,6 +49,8 @@ def test_cron_schedule_creates_runs_and_a_scheduled_run_writes_its_batch(tmp_pat
     nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
     assert nightly["schedules"][0]["cron"] == "0 2 * * *" and nightly["schedules"][0]["timezone"] == "UTC"
     nightly["schedules"][0]["cron"] = "* * * * *"  # every minute, so one fires within the test
+    assert {"task_runner", "workers"} <= set(nightly["parameters"])  # the deployment takes them as parameters
+    nightly["parameters"].update(task_runner="dask", workers=2)  # the chunks go to a two-worker LocalCluster
     for d in spec["deployments"]:
         d["work_pool"]["name"] = POOL
     (project / "prefect.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -87,3 +89,9 @@ def test_cron_schedule_creates_runs_and_a_scheduled_run_writes_its_batch(tmp_pat
                                  "a large green triangle on the right"]
     assert set(m["model_name"]) == {"t2i-shapes"} and set(m["model_version"]) == {"1"}
     assert (out / "contact_sheet.png").is_file() and all((out / f).is_file() for f in m["file"])
+    # the chunks ran as task runs of the workers' subflow of this very flow run
+    sub = _api(prefect_server, "/flow_runs/filter", {"flow_runs": {
+        "parent_flow_run_id": {"any_": [completed["id"]]}}, "flows": {"name": {"any_": ["batch-generation-workers"]}}})
+    assert len(sub) == 1 and sub[0]["state_type"] == "COMPLETED"
+    chunks = _api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [sub[0]["id"]]}}})
+    assert sorted(t["name"] for t in chunks) == ["chunk 0"] and chunks[0]["state_type"] == "COMPLETED"
