@@ -56,6 +56,27 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _file_hash(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dvc_md5(path: str | Path) -> str:
+    """The hash DVC 3 records for a file or folder in dvc.lock (``md5``): a file's md5; a folder's is
+    the md5 of the JSON list of its files' {md5, relpath}, sorted by relpath, with ".dir" appended.
+    So a hash computed from the data on disk can be compared with dvc.lock's."""
+    p = Path(path)
+    if p.is_file():
+        return _file_hash(p, "md5")
+    entries = [{"md5": _file_hash(f, "md5"), "relpath": f.relative_to(p).as_posix()}
+               for f in p.rglob("*") if f.is_file()]
+    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True).encode()
+    return hashlib.md5(listing).hexdigest() + ".dir"
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
@@ -138,7 +159,15 @@ CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.json"  # the MLflow run the model was trained in
 TRAIN_GRID = "train_grid.png"
 LOSS_CURVE = "loss_curve.png"
+TRAINED_ON = "trained_on.json"  # {folder: DVC md5} of the data the train stage read (lineage)
 LOSS_HISTORY = "loss.csv"  # step,loss,val_loss: a DVC plot
+
+
+def read_trained_on(model_dir: str | Path) -> dict[str, str] | None:
+    """{folder: DVC md5} the train stage recorded in ``model_dir``; None for a model trained before
+    it recorded them."""
+    path = Path(model_dir) / TRAINED_ON
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def require_model(model_dir: str | Path) -> Path:

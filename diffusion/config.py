@@ -582,6 +582,26 @@ class BatchConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """Serving a registered model over HTTP with batching (t2i serve, diffusion.registry.serving)."""
+
+    model_uri: str = "models:/t2i-shapes@champion"  # or models:/<name>/<version>
+    host: str = "127.0.0.1"  # 0.0.0.0 to answer other machines
+    port: int = 5001  # /invocations, /ping, /health (as mlflow models serve)
+    max_batch: int = 16  # images drawn in one sampler call; a request with more records is refused (413)
+    max_wait_ms: float = 10.0  # how long the oldest waiting request may wait for others to fill a batch
+    # every sampler call at one shape (max_batch rows, the text tower's full context length), so an
+    # image is the same bit for bit whatever it was batched with (CPU kernels round by shape); false: only the
+    # gathered rows (cheaper when requests come alone; identical where kernels do not round by shape)
+    fixed_shape: bool = True
+
+    def check(self, key: str) -> None:
+        _at_least_one(self, key, "max_batch", "port")
+        if self.max_wait_ms < 0:
+            raise ConfigError(f"{key}.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     """Where runs and registered models are kept (diffusion.registry.tracking)."""
 
@@ -606,6 +626,7 @@ class Params:
     register: RegisterConfig = field(default_factory=RegisterConfig)
     promote: PromoteConfig = field(default_factory=PromoteConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 

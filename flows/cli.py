@@ -17,6 +17,7 @@
     t2i generate --prompts FILE [--model URI|DIR] [--output-dir DIR] [--run-name NAME] [--date YYYY-MM-DD]
     t2i rollback [--model-name NAME]           move @champion back to the previous champion
     t2i lineage  [URI]                          git commit, data hashes, params, evaluation of a version
+    t2i serve    [--model URI] [--port N]       HTTP like mlflow models serve, concurrent requests batched
 
     t2i params   [SECTION] [--markdown]         every params.yaml key: type, default, meaning
 
@@ -113,6 +114,12 @@ def _add_registry_commands(add: Callable) -> None:
     p.add_argument("--guidance-scale", type=float, help="override the model's guidance scale")
     p.add_argument("--steps", type=int, help="override the model's sampling steps")
     p.add_argument("--sampler", choices=CHOICES["sample.sampler"], help="override the model's sampler")
+    p = add("serve", "serve a registered model over HTTP (mlflow models serve's API), batching concurrent requests")
+    p.add_argument("--model", help="models:/<name>@<alias> or models:/<name>/<version> (default: serve.model_uri)")
+    p.add_argument("--host", help="default: serve.host")
+    p.add_argument("--port", type=int, help="default: serve.port")
+    p.add_argument("--max-batch", type=int, help="images per sampler call (default: serve.max_batch)")
+    p.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch (default: serve.max_wait_ms)")
 
 
 # What each stage needs to exist before it starts: (argument, what it is, stage that makes it)
@@ -234,6 +241,18 @@ def _generate(p, a):
     print(json.dumps(summary, indent=2))
 
 
+def _serve(p, a):
+    from dataclasses import replace
+
+    from flows.serve import serve
+
+    given = {"model_uri": a.model, "host": a.host, "port": a.port, "max_batch": a.max_batch,
+             "max_wait_ms": a.max_wait_ms}
+    cfg = replace(p.serve, **{k: v for k, v in given.items() if v is not None})
+    cfg.check("serve")
+    serve(cfg, p.mlflow)
+
+
 def _pipeline(p, a):
     if a.params != "params.yaml" or a.overrides:
         raise T2IError("t2i pipeline runs dvc repro, which reads params.yaml: edit it instead of --params/-s")
@@ -263,6 +282,7 @@ COMMANDS: dict[str, Callable] = {
     "rollback": _rollback,
     "lineage": _lineage,
     "generate": _generate,
+    "serve": _serve,
     "pipeline": _pipeline,
     "summary": _summary,
 }

@@ -1,15 +1,19 @@
-"""The pipeline stages on a user's own data (a folder source): ingest -> embed -> train -> sample
--> judge/evaluate. The attribute judge only applies to the built-in set, so evaluation says so
-instead of failing."""
+"""The pipeline stages on a user's own data (a folder source), run by hand: ingest -> embed ->
+judge -> train -> sample -> evaluate -> register -> promote. The attribute judge only applies to the
+built-in set, so evaluation says so; the retrieval evaluator measures this data, promotion uses its
+R-precision, and lineage names the data the model saw."""
 
 import json
+import shutil
 
+import mlflow
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import tiny_params_dict
+from conftest import ROOT, tiny_params_dict
 from corpus import encode, picture
 from diffusion.pipeline import stages
+from diffusion.artifacts import dvc_md5
 from diffusion.config import parse_params
 
 
@@ -65,9 +69,39 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch, inception
     assert len(list((tmp_path / "eval-cache").glob("*.npz"))) == 1  # the real set's features, cached
     page = (tmp_path / "reports/evaluation.md").read_text()
     assert "Adherence: not applicable" in page and "| FID |" in page and "R-precision" in page
+    # lineage names the data this model saw, not the project's dvc.lock: here a dvc.lock from the
+    # built-in pipeline lies in the project folder, as when a user runs the stages by hand on new data
+    shutil.copy(ROOT / "dvc.lock", tmp_path / "dvc.lock")
+    reg = stages.register(p, tmp_path / "model", tmp_path / "reports/metrics.json",
+                          tmp_path / "reports/registered.json", tmp_path)
+    tags = mlflow.MlflowClient().get_model_version(reg["name"], reg["version"]).tags
+    assert {k: v for k, v in tags.items() if k.startswith("lineage.data")} == {
+        "lineage.data_from": "train stage", "lineage.data.shards": dvc_md5(tmp_path / "shards"),
+        "lineage.data.emb": dvc_md5(tmp_path / "emb")}
     # promotion on a metric that exists for this data: promote.metric auto is the R-precision
-    stages.register(p, tmp_path / "model", tmp_path / "reports/metrics.json", tmp_path / "reports/registered.json",
-                    tmp_path)
     decision = stages.promote(p, tmp_path / "reports/registered.json", tmp_path / "reports/promotion.json")
     assert decision["metric"] == "retrieval.r_precision.generated.all.mean" and decision["outcome"] == "promoted"
     assert decision["candidate_value"] == pytest.approx(rp["generated"]["all"]["mean"], abs=1e-4)  # tags: 4 digits
+
+
+def test_lineage_without_a_record_vouches_only_for_what_is_on_disk(tmp_path):
+    """A model trained before the train stage recorded its data: dvc.lock's train deps are tagged only
+    where the folder on disk still has that hash; the rest are left out, and the tags say so."""
+    import yaml
+
+    from diffusion.registry.lineage import collect
+
+    for name, text in (("shards", "same"), ("embeddings", "changed since")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "a.txt").write_text(text)
+    lock = {"stages": {"train": {"deps": [
+        {"path": "data/shards", "hash": "md5", "md5": dvc_md5(tmp_path / "data/shards")},
+        {"path": "data/embeddings", "hash": "md5", "md5": "0" * 32 + ".dir"},
+        {"path": "data/latents", "hash": "md5", "md5": "1" * 32 + ".dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    tags = collect(tmp_path, {}, "none")
+    assert {k: v for k, v in tags.items() if k.startswith("lineage.data")} == {
+        "lineage.data_from": "dvc.lock (matches the data on disk)",
+        "lineage.data.data/shards": dvc_md5(tmp_path / "data/shards")}
+    (tmp_path / "data/shards/a.txt").write_text("changed too")
+    assert collect(tmp_path, {}, "none")["lineage.data_from"] == "unknown"

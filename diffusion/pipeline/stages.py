@@ -98,12 +98,23 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     if rank:  # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
         train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False, val_urls=val_urls)
         return {"rank": rank}
+    read = {_as_given(d): art.dvc_md5(d) for d in (latents_dir if latent else shards_dir, embeddings_dir)}
     with _train_run(p, out, table, image_size, latent) as (run, logger):
         train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, logger=logger, grid_fn=grid_fn,
                    progress=progress, val_urls=val_urls)
+    art.write_json(out / art.TRAINED_ON, read)  # what this model saw, for its lineage (not dvc.lock's say-so)
     meta = art.model_meta(out)
     return {"run_id": run.info.run_id, "steps": meta["steps_done"], "train_img_per_s": meta["train_img_per_s"],
             "train_seconds": meta["train_seconds"], "device": meta["device"]}
+
+
+def _as_given(folder: str | Path) -> str:
+    """A folder as the stage commands name it: relative to the working directory (the project, as
+    dvc.yaml runs them: ``data/shards``) where it lies inside it, else absolute."""
+    import os
+
+    path = Path(folder).resolve()
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd().resolve()) else str(path)
 
 
 def _train_grid_fn(p: Params, table, latent, image_size: int, out: Path):
@@ -300,7 +311,7 @@ def sweep(p: Params, shards_dir: str | Path, model_dir: str | Path, judge_dir: s
 def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_file: str | Path,
              project_dir: str | Path = ".") -> dict:
     """Register a new version, tagged with its metrics, its evaluation fingerprint and its lineage
-    (git commit, the data it was trained on from ``project_dir``/dvc.lock, the params hash)."""
+    (git commit of ``project_dir``, the data the train stage read, the params hash)."""
     from diffusion.registry import lineage, tracking
     from diffusion.data.latents import vae_for_model
     from diffusion.registry.pyfunc import log_and_register
@@ -317,7 +328,7 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
             or k in ("fd_judge.generated", "fidelity.generated.speckle", "image.fid", "image.clip_score",
                      "retrieval.fd.generated", "retrieval.fd.real_floor")}
     evaluation = metrics.get("fingerprint") or {}
-    tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"))
+    tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"), art.read_trained_on(model_dir))
     info = log_and_register(model_dir, encoder, p.sample, keep, p.register.model_name,
                             run.get("run_id"), evaluation=evaluation, lineage=tags, vae=vae)
     info["tracking_uri"] = tracking.tracking_uri(p.mlflow)

@@ -5,7 +5,12 @@
     lineage.git_commit       HEAD of the project's git repository ("unknown" outside one)
     lineage.git_dirty        "true" when tracked source or params differ from that commit (files
                              the pipeline itself writes, dvc.lock and the stages' outputs, do not count)
-    lineage.data.<path>      the DVC hash (md5) of each data folder the train stage read, from dvc.lock
+    lineage.data.<path>      the DVC hash (md5) of each data folder the train stage read, as it
+                             recorded them from the data on disk (``trained_on.json`` in the model
+                             folder); for a model without that record, dvc.lock's train deps, only
+                             those whose hash matches the data on disk now
+    lineage.data_from        where those came from: "train stage", "dvc.lock (matches the data on
+                             disk)", or "unknown" (nothing could be vouched for)
     lineage.params_sha256    hash of the whole params (after overrides), canonical JSON
     eval.fingerprint         what the metrics were measured on (prompt set, judge, sampler settings)
 
@@ -20,6 +25,8 @@ import subprocess
 from pathlib import Path
 
 import yaml
+
+from diffusion.artifacts import dvc_md5
 
 LINEAGE_PREFIX = "lineage."
 EVAL_TAG = "eval.fingerprint"
@@ -61,18 +68,27 @@ def git_state(project_dir: str | Path) -> dict[str, str]:
     return {"git_commit": head.strip(), "git_dirty": "unknown" if status is None else str(bool(status.strip())).lower()}
 
 
-def trained_on(project_dir: str | Path, stage: str = "train") -> dict[str, str]:
-    """{dep path: md5} of the data folders the stage read, as dvc.lock recorded them."""
-    lock = Path(project_dir) / "dvc.lock"
+def locked_data(project_dir: str | Path, stage: str = "train") -> dict[str, str]:
+    """{dep path: md5} of the data folders dvc.lock says the stage read, kept only where the folder
+    on disk has that hash now: dvc.lock describes the last ``dvc repro``, not necessarily the data
+    a model was trained on (stages run by hand on other data leave it as it was)."""
+    project = Path(project_dir)
+    lock = project / "dvc.lock"
     if not lock.is_file():
         return {}
     deps = ((yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage) or {}).get("deps", [])
-    return {d["path"]: d.get("md5", "") for d in deps if str(d.get("path", "")).startswith("data/")}
+    return {d["path"]: d["md5"] for d in deps if str(d.get("path", "")).startswith("data/") and d.get("md5")
+            and (project / d["path"]).exists() and dvc_md5(project / d["path"]) == d["md5"]}
 
 
-def collect(project_dir: str | Path, params_dict: dict, evaluation_id: str) -> dict[str, str]:
+def collect(project_dir: str | Path, params_dict: dict, evaluation_id: str,
+            trained_on: dict[str, str] | None = None) -> dict[str, str]:
+    """The lineage tags; ``trained_on``: the train stage's record of what it read (``trained_on.json``)."""
     tags = {f"{LINEAGE_PREFIX}{k}": v for k, v in git_state(project_dir).items()}
-    for path, md5 in trained_on(project_dir).items():
+    data = trained_on if trained_on is not None else locked_data(project_dir)
+    tags[f"{LINEAGE_PREFIX}data_from"] = ("train stage" if trained_on is not None else
+                                          "dvc.lock (matches the data on disk)" if data else "unknown")
+    for path, md5 in data.items():
         tags[f"{LINEAGE_PREFIX}data.{path}"] = md5
     tags[f"{LINEAGE_PREFIX}params_sha256"] = params_hash(params_dict)
     tags[EVAL_TAG] = evaluation_id
