@@ -1,7 +1,9 @@
-"""`mlflow models serve` of the registered @champion: JSON prompts in, base64 PNG images out.
+"""`mlflow models serve` and `t2i serve` of the registered @champion: JSON prompts in, base64 PNG
+images out.
 
-One real server (a subprocess on a free loopback port, reading the session's SQLite registry)
-answers every test in this module; it is stopped, with its uvicorn workers, at the end.
+Two real servers (subprocesses on free loopback ports, reading the session's SQLite registry, started
+together so their start-ups overlap) answer every test in this module; they are stopped, with their
+workers, at the end. `t2i serve` batches concurrent requests (diffusion/registry/serving.py).
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from concurrent.futures import ThreadPoolExecutor
+
 from e2e_helpers import BIN, base_env, free_port
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
 
 RECORDS = [{"prompt": "a large red circle on the left", "seed": 1}, {"prompt": "a small blue square", "seed": 2}]
 
@@ -30,14 +37,14 @@ RECORDS = [{"prompt": "a large red circle on the left", "seed": 1}, {"prompt": "
 class ModelServer:
     """`mlflow models serve -m models:/<name>@champion --env-manager local` in its own process group."""
 
-    def __init__(self, registered: dict, log_path: Path, start_timeout: float = 120):
+    def __init__(self, registered: dict, log_path: Path, start_timeout: float = 120, command: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 (open for the server's lifetime, closed in stop)
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{registered['name']}@champion",
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(self.port)],
+            (command or [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{registered['name']}@champion",
+                         "--env-manager", "local", "--host", "127.0.0.1"]) + ["--port", str(self.port)],
             env=base_env(MLFLOW_TRACKING_URI=registered["tracking_uri"]), cwd=registered["dir"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
@@ -102,8 +109,9 @@ class ModelServer:
 
 
 @pytest.fixture(scope="module")
-def server(registered_model, tmp_path_factory):
-    """Started here, waited for on the first request (so the in-process load overlaps start-up)."""
+def server(registered_model, tmp_path_factory, batch_server):
+    """Started here, waited for on the first request (so the in-process load overlaps start-up);
+    after ``batch_server`` has been started, so that both start at once."""
     srv = ModelServer(registered_model, tmp_path_factory.mktemp("serve") / "serve.log")
     try:
         yield srv
@@ -177,3 +185,90 @@ def test_a_request_without_prompts_is_an_error_not_a_hang(server):
     assert status == 400 and "spacing must be one of" in answer["message"]
     status, answer = server.invoke({"dataframe_records": [RECORDS[0]], "params": {"steps": 0}}, timeout=30)
     assert status == 400 and "steps must be in 1.." in answer["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# t2i serve: the same API, concurrent requests batched
+
+MAX_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def batch_server(registered_model, tmp_path_factory):
+    """`t2i serve` of the same @champion; a long wait (300 ms) so a burst lands in one call however
+    slowly the test's threads start on a busy machine."""
+    cmd = [str(BIN / "t2i"), "serve", "--params", str(ROOT / "params.yaml"), "--host", "127.0.0.1",
+           "--max-batch", str(MAX_BATCH), "--max-wait-ms", "300"]
+    srv = ModelServer(registered_model, tmp_path_factory.mktemp("t2i-serve") / "serve.log", command=cmd)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def health(srv: ModelServer) -> dict:
+    srv.wait_ready()
+    with urllib.request.urlopen(f"{srv.url}/health", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def burst(srv: ModelServer, bodies: list[dict]) -> list[tuple[int, dict]]:
+    """POST every body at once, from its own thread; (status, answer) per body, in order."""
+    srv.wait_ready()
+    go = threading.Barrier(len(bodies))
+
+    def send(body):
+        go.wait()
+        return srv.invoke(body)
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(send, bodies))
+
+
+def test_batched_answers_are_each_request_served_alone(server, batch_server):
+    singles = [{"dataframe_records": [{"prompt": RECORDS[i % 2]["prompt"], "seed": 10 + i}]} for i in range(5)]
+    pair = {"dataframe_records": RECORDS}
+    bodies = singles + [pair]
+    before = health(batch_server)
+    answers = burst(batch_server, bodies)
+    after = health(batch_server)
+    assert all(status == 200 for status, _ in answers), answers
+    # one burst of 6 requests (7 images) took one or two sampler calls, not six
+    assert after["sampler_calls"] - before["sampler_calls"] <= 2, (before, after)
+    assert after["images"] - before["images"] == 7
+    for body, (_, answer) in zip(bodies, answers):
+        alone = batch_server.predictions(body)  # each request again, by itself
+        assert answer["predictions"] == alone  # same prompt, seed and PNG bytes
+        assert [(r["prompt"], r["seed"]) for r in alone] == [(r["prompt"], r["seed"]) for r in body["dataframe_records"]]
+    assert len({a["predictions"][0]["image"] for _, a in answers}) == len(bodies)  # seeds differ, images differ
+    # mlflow models serve draws the pair at its own shape (2 rows, its prompts' token length): CPU
+    # kernels round by shape, so a pixel may move by one 8-bit level, never more
+    for theirs, ours in zip(server.predictions(pair), answers[-1][1]["predictions"]):
+        a, b = (np.asarray(Image.open(io.BytesIO(png(r["image"]))), dtype=int) for r in (theirs, ours))
+        assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.05, (np.abs(a - b).max(), (a != b).mean())
+    img = Image.open(io.BytesIO(png(answers[0][1]["predictions"][0]["image"])))
+    assert img.format == "PNG" and img.size == (16, 16) and img.mode == "RGB"
+
+
+def test_bad_requests_are_one_line_and_lose_nothing(batch_server):
+    good = {"dataframe_records": [RECORDS[0]], "params": {"steps": 2}}
+    other = {"dataframe_records": [RECORDS[1]]}  # other settings: drawn in its own call
+    too_big = {"dataframe_records": [RECORDS[0]] * (MAX_BATCH + 1)}
+    bad = [too_big, {"dataframe_records": [{"seed": 1}]}, {"dataframe_records": [RECORDS[0]], "params": {"sampler": "plms"}},
+           {"dataframe_records": [{"prompt": "x", "seed": "one"}]}, {"records": []}]
+    answers = burst(batch_server, [good, other] + bad)
+    assert answers[0] == (200, {"predictions": batch_server.predictions(good)})
+    assert answers[1] == (200, {"predictions": batch_server.predictions(other)})
+    assert answers[0][1]["predictions"][0]["image"] != answers[1][1]["predictions"][0]["image"]
+    (s1, a1), (s2, a2), (s3, a3), (s4, a4), (s5, a5) = answers[2:]
+    assert s1 == 413 and a1["message"] == (f"{MAX_BATCH + 1} records in one request; this server draws at most "
+                                           f"{MAX_BATCH} (serve.max_batch): split the request")
+    assert s2 == 400 and "missing inputs ['prompt']" in a2["message"]
+    assert s3 == 400 and "sampler must be one of ddpm, ddim, euler" in a3["message"]
+    assert s4 == 400 and a4["message"] == "seed must be an integer"
+    assert s5 == 400 and "exactly one of dataframe_records" in a5["message"]
+    assert all("\n" not in a["message"] for _, a in answers[2:])
+    req = urllib.request.Request(f"{batch_server.url}/invocations", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and json.loads(e.value.read())["message"].startswith("the body is not JSON")
