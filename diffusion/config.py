@@ -375,6 +375,11 @@ class TrainConfig:
     # every N steps rank 0 draws the EMA's sample grid (the train stage's captions and seeds) and logs
     # it to MLflow as train_samples/step_<N>.png, to watch a long run; 0: only the finished model's
     sample_every: int = 0
+    # every N steps (and at the last) rank 0 logs val_loss: the EMA's loss on the first val_samples
+    # samples of the val split at noise and timesteps drawn once from their own seed, the same at every
+    # evaluation (training's random streams untouched); 0: off
+    val_every: int = 50
+    val_samples: int = 128  # val samples in the held-out loss (fewer where the val split is smaller); 0: off
     threads: int = 0  # torch CPU threads; 0 = torch's default
     # auto | fp32 | bf16 | fp16, the GPU path: auto = bf16 autocast on CUDA, fp32 on the CPU; fp16
     # trains with a grad scaler
@@ -403,6 +408,9 @@ class TrainConfig:
                       "nproc_per_node", "nnodes")
         if self.sample_every < 0:
             raise ConfigError(f"{key}.sample_every must be >= 0 (0: off), got {self.sample_every}")
+        for name in ("val_every", "val_samples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if not 0 < self.beta_min < self.beta_max < 1:
             raise ConfigError(f"{key}.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")
         if not self.lr > 0:

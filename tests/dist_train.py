@@ -41,7 +41,8 @@ def main() -> None:
     unet = UNetConfig(**t.pop("unet", {}))
     cfg = replace(TrainConfig(**t), unet=unet)
     train(cfg, shard_urls(spec["shards"], "train"), EmbeddingTable.load(spec["embeddings"]), spec["out"],
-          image_size=16, logger=FileLogger(spec["log"], spec.get("kill_at")), progress=False)
+          image_size=16, logger=FileLogger(spec["log"], spec.get("kill_at")), progress=False,
+          val_urls=shard_urls(spec["shards"], "val"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from e2e_helpers import BIN, base_env, free_port
 pytestmark = pytest.mark.e2e
 
 TRAIN = {"steps": 12, "batch_size": 16, "warmup_steps": 4, "checkpoint_every": 6, "log_every": 1,
-         "shuffle_buffer": 50, "data_workers": 0,
+         "shuffle_buffer": 50, "data_workers": 0, "val_every": 5, "val_samples": 24,
          "unet": {"channels": 16, "channel_mult": [1, 2], "attn_levels": [1], "heads": 2}}
 
 
@@ -64,6 +64,10 @@ def test_two_processes_follow_one_and_a_killed_run_resumes(tiny_shards, tiny_emb
     assert abs(b.mean() - a.mean()) / a.mean() < 0.10, (a, b)
     assert b[-4:].mean() < b[:4].mean() and a[-4:].mean() < a[:4].mean()
     assert json.loads((out2 / "model.json").read_text())["world"] == 2
+    # the held-out loss: rank 0 alone evaluates (no collective), at steps 5, 10 and the last
+    for rec in (rec1, rec2):
+        assert [r["step"] for r in rec if "val_loss" in r] == [5, 10, 12]
+        assert all(np.isfinite(r["val_loss"]) for r in rec if "val_loss" in r)
 
     # killed at step 8 (after the step-6 checkpoint), rerun: the same weights as the run above
     killed, out3, _ = run_training(tmp_path, "killed", tiny_shards, tiny_embeddings, nproc=2, kill_at=8)

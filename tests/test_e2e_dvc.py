@@ -95,7 +95,8 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     reg = json.loads((project / "reports/registered_model.json").read_text())
     assert reg["version"] == 1 and reg["uri"] == "models:/t2i-shapes/1"
     loss = pd.read_csv(project / "data/model/loss.csv")
-    assert list(loss.columns) == ["step", "loss"] and list(loss["step"]) == [4, 8, 12]
+    assert list(loss.columns) == ["step", "loss", "val_loss"] and list(loss["step"]) == [4, 8, 12]
+    assert loss["val_loss"].notna().tolist() == [False, False, True]  # train.val_every 50: at the last step only
     adherence = pd.read_csv(project / "reports/adherence.csv")
     assert {"seen.all", "held_out.all"} <= set(adherence["metric"])
     assert metrics["fd_judge"]["generated"] > 0 and "speckle" in metrics["fidelity"]["generated"]

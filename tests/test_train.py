@@ -312,3 +312,57 @@ def test_fp16_resumes_with_its_grad_scaler_and_bf16_trains_on_the_cpu(tiny_param
     train(tiny_params.train, urls, table, tmp_path / "fp32", image_size=16, progress=False)
     b = load_file(str(tmp_path / "fp32" / "model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_val_loss_is_the_ema_on_fixed_val_inputs_and_changes_no_weight(tiny_params, tiny_shards, tiny_embeddings,
+                                                                        tiny_model, tmp_path, capsys):
+    """train.val_every logs val_loss (every N steps and at the last) from the val split at noise and
+    timesteps drawn once from their own seed; the weights are bit for bit those of a run without it,
+    and the value is the exported EMA's loss on those inputs, the same however often it is taken."""
+    from diffusion.artifacts import write_loss_history
+    from diffusion.training.train import Validation, build_state, TextTable
+    from diffusion.training.distributed import Dist
+
+    table = EmbeddingTable.load(tiny_embeddings)
+    urls, val_urls = list_shards(tiny_shards / "train"), list_shards(tiny_shards / "val")
+    cfg = replace(tiny_params.train, val_every=5, val_samples=40, data_workers=0)  # the same batches, no worker
+    rec = Recorder()
+    train(cfg, urls, table, tmp_path / "val", image_size=16, logger=rec, progress=False, val_urls=val_urls)
+    assert_same_weights(tiny_model, tmp_path / "val")  # the same settings, trained without val_urls
+    assert "fewer than train.batch_size" not in capsys.readouterr().out  # 240 samples, batches of 16
+    val = [(s, m["val_loss"]) for s, m in rec.metrics if "val_loss" in m]
+    assert [s for s, _ in val] == [5, 10, 12] and len({v for _, v in val}) == 3 and all(np.isfinite(v) for _, v in val)
+    assert json.loads((tmp_path / "val" / "model.json").read_text())["val_seconds"] > 0
+
+    # the last value is the exported EMA's loss on the same 40 val samples, noise and timesteps
+    state = build_state(cfg, table, 16, None, torch.device("cpu"), Dist())
+    state.ema.net.load_state_dict(load_file(str(tmp_path / "val" / "model.safetensors")))
+    fixed = Validation.build(state, val_urls, table, TextTable.of(table, state.device), None)
+    again = Validation.build(state, val_urls, table, TextTable.of(table, state.device), None)
+    assert len(fixed.rows) == 40 and torch.equal(fixed.noise, again.noise) and torch.equal(fixed.t, again.t)
+    assert fixed.loss(state) == pytest.approx(val[-1][1], rel=1e-5) == again.loss(state)
+    assert Validation.build(replace(state, cfg=replace(cfg, val_samples=0)), val_urls, table, fixed.text, None) is None
+
+    # loss.csv: one row per logged step, val_loss empty where it was not taken
+    train_points = [(s, m["loss"]) for s, m in rec.metrics if "loss" in m]
+    text = write_loss_history(tmp_path, train_points, val).read_text().splitlines()
+    assert text[0] == "step,loss,val_loss" and [r.split(",")[0] for r in text[1:]] == ["4", "5", "8", "10", "12"]
+    assert text[2].startswith("5,,") and text[1].endswith(",") and float(text[-1].split(",")[2]) == pytest.approx(val[-1][1], rel=1e-5)
+
+
+def test_a_split_smaller_than_a_batch_trains_and_says_so_in_one_line(tiny_params, tiny_shards, tiny_embeddings,
+                                                                      tmp_path, capsys):
+    """A split with fewer samples than train.batch_size still trains: each batch repeats them
+    (the stream runs epoch after epoch), and the train stage says so once, at the start."""
+    import pyarrow.parquet as pq
+
+    table = EmbeddingTable.load(tiny_embeddings)
+    n = pq.read_table(tiny_shards / "index-val.parquet").num_rows  # the small split, trained on here
+    cfg = replace(tiny_params.train, steps=2, batch_size=64, data_workers=0, checkpoint_every=2)
+    assert n < cfg.batch_size
+    train(cfg, list_shards(tiny_shards / "val"), table, tmp_path, image_size=16, progress=False)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "fewer than train.batch_size" in ln]
+    assert lines == [f"train: the training shards hold {n} samples, fewer than train.batch_size 64: each batch "
+                     f"repeats them (about {64 / n:.1f} times, each with its own noise and timestep), so a step "
+                     f"sees {n} distinct images; set train.batch_size to {n} or less for shorter steps"]
+    assert json.loads((tmp_path / "model.json").read_text())["steps_done"] == 2

@@ -20,13 +20,17 @@ from diffusion.models.precond import Denoiser
 
 
 def diffusion_loss(denoiser: Denoiser, x0: Tensor, cond: Cond, *, weighting: str = "none",
-                   gamma: float = 5.0, generator: torch.Generator | None = None, forward=None) -> Tensor:
+                   gamma: float = 5.0, generator: torch.Generator | None = None, forward=None,
+                   t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
     """Per-sample loss, shape (B,). ``forward`` runs the denoiser when it is wrapped (DDP,
-    torch.compile); the schedule and scalings are read from ``denoiser`` itself."""
+    torch.compile); the schedule and scalings are read from ``denoiser`` itself. ``t`` (B,) and
+    ``noise`` (like x0), when given, replace the draws (a held-out loss at fixed noise)."""
     b = x0.shape[0]
-    t = torch.randint(0, len(denoiser.sigmas), (b,), device=x0.device, generator=generator)
+    if t is None:
+        t = torch.randint(0, len(denoiser.sigmas), (b,), device=x0.device, generator=generator)
     sigma = denoiser.sigmas[t].float()
-    noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
     x = x0 + sigma[:, None, None, None] * noise
     d = (denoiser if forward is None else forward)(x, sigma, cond, t=t)
     _, c_out, _ = denoiser.scalings(sigma)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import random
 import time
@@ -42,8 +43,9 @@ from diffusion.data.latents import LatentSpec
 from diffusion.models.loss import diffusion_loss
 from diffusion.models.unet import Cond, count_params
 from diffusion.models.precond import Denoiser
+from diffusion.data.shards import raw_samples
 from diffusion.data.text import WORD_VECTORS, EmbeddingTable, fingerprint_id, pick_device
-from diffusion.training.train_data import Batch, DataPosition, DataSpec, batch_loader
+from diffusion.training.train_data import Batch, DataPosition, DataSpec, batch_loader, first_samples
 
 
 class TrainLogger(Protocol):
@@ -212,7 +214,7 @@ def older_checkpoints(out: Path) -> list[Path]:
 
 
 # train keys that change what is logged or kept, not the weights: a run resumes across them
-_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every")
+_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "val_every", "val_samples")
 
 
 def _trajectory(meta: dict) -> dict:
@@ -439,6 +441,69 @@ class Monitor:
 
 
 # --------------------------------------------------------------------------------------------
+# The held-out loss
+
+VAL_SEED = 7_919  # offsets train.seed for the held-out loss's own generator (never the training streams)
+
+
+@dataclass
+class Validation:
+    """``train.val_every``: the EMA's loss on a fixed held-out set, on rank 0.
+
+    The first ``train.val_samples`` samples of the val split (shard order, no shuffle; latents as
+    their means), each with its caption (no dropout, no unseen words), a timestep and noise drawn
+    once from a generator seeded by ``train.seed + VAL_SEED``: every evaluation scores the same
+    (x0, t, noise, caption) tuples, so the curve moves only when the weights do. Its draws touch no
+    training random stream, so the weights are those of a run without it. The objective and weighting
+    are training's; the network is the EMA (what is exported). Other ranks skip it: the EMA is the
+    same on every rank and is not wrapped by DDP, so no collective runs and they wait at the next one.
+    """
+
+    x0: torch.Tensor  # (N, C, H, W) on the device
+    rows: torch.Tensor  # (N,) embedding rows, on the CPU
+    t: torch.Tensor  # (N,) timesteps, on the device
+    noise: torch.Tensor  # like x0
+    text: TextTable
+    chunk: int  # samples per forward pass: one rank's training micro-batch
+    seconds: float = 0.0  # time spent evaluating (left out of img_per_s)
+
+    @classmethod
+    def build(cls, state: TrainState, urls: list[str] | None, table: EmbeddingTable, text: TextTable,
+              latent: LatentSpec | None) -> "Validation | None":
+        cfg = state.cfg
+        if not (cfg.val_every and cfg.val_samples and state.dist.main):
+            return None
+        got = first_samples(urls, table, cfg.val_samples, latent) if urls else None
+        if got is None:
+            print("train.val_every is set but there are no val samples: no val_loss is logged")
+            return None
+        x0, rows = got
+        gen = torch.Generator().manual_seed(cfg.seed + VAL_SEED)
+        t = torch.randint(0, len(state.ema.sigmas), (len(rows),), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        dev = state.device
+        chunk = max(1, cfg.batch_size // (state.dist.world * cfg.grad_accum))
+        return cls(x0.to(dev), rows, t.to(dev), noise.to(dev), text, chunk)
+
+    @torch.no_grad()
+    def loss(self, state: TrainState) -> float:
+        """The EMA's mean per-sample loss over the held-out set."""
+        t0 = time.perf_counter()
+        state.ema.eval()
+        total = torch.zeros((), device=state.device)
+        for i in range(0, len(self.rows), self.chunk):
+            j = i + self.chunk
+            with state.autocast():
+                per = diffusion_loss(state.ema, self.x0[i:j], self.text.cond(self.rows[i:j]),
+                                     weighting=state.cfg.loss_weighting, gamma=state.cfg.min_snr_gamma,
+                                     t=self.t[i:j], noise=self.noise[i:j])
+            total += per.float().sum()
+        value = float(total) / len(self.rows)
+        self.seconds += time.perf_counter() - t0
+        return value
+
+
+# --------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -458,14 +523,15 @@ def export(state: TrainState, out: Path, summary: dict) -> None:
 
 def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_dir: str | Path, *,
           image_size: int, latent: LatentSpec | None = None, logger: TrainLogger | None = None, grid_fn=None,
-          progress: bool = True) -> Path:
+          progress: bool = True, val_urls: list[str] | None = None) -> Path:
     """Train for ``cfg.steps`` steps (resuming from out_dir/checkpoint.pt if its config matches).
 
     ``shard_urls`` are image shards, or latent shards with ``latent`` saying which latent space
     (the latents stage); ``image_size`` is the side of the images the model produces.
     ``grid_fn(denoiser, step) -> PIL.Image`` may render a sample grid at the end for the logger
     (as sample_grid.png), and every ``train.sample_every`` steps before it (as
-    train_samples/step_<step>.png).
+    train_samples/step_<step>.png). ``val_urls`` (the val split's shards, of the same kind as
+    ``shard_urls``) feed ``val_loss`` every ``train.val_every`` steps (``Validation``).
     Under torchrun, call it on every rank: rank 0 logs and writes. Returns the directory holding
     model.safetensors and model.json.
     """
@@ -482,6 +548,7 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     logger.log_metrics({"params_millions": count_params(state.model.net) / 1e6}, state.step)
 
     data, text = _inputs(state, shard_urls, table, latent)
+    val = Validation.build(state, val_urls, table, text, latent)
     posterior = latent is not None and cfg.latent_sampling == "posterior"
     monitor = Monitor(state)
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not (progress and d.main),
@@ -492,10 +559,12 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
         loss, grad_norm = train_step(state, micro, text, posterior)
         monitor.record(loss, grad_norm, sum(b.x0.shape[0] for b in micro))
         bar.update(1)
-        _after_step(state, out, monitor, logger, bar, grid_fn)
+        _after_step(state, out, monitor, logger, bar, grid_fn, val)
     bar.close()
     elapsed = time.perf_counter() - monitor.t_start
     summary = {"train_seconds": elapsed, "train_img_per_s": monitor.seen / elapsed if elapsed > 0 else 0.0}
+    if val is not None:
+        summary["val_seconds"] = val.seconds
     if d.main:
         logger.log_metrics(summary, state.step)
         export(state, out, summary)
@@ -515,17 +584,36 @@ def _inputs(state: TrainState, shard_urls: list[str], table: EmbeddingTable,
     spec = DataSpec(shard_urls, cfg.seed, cfg.shuffle_buffer, per_forward, d.rank, d.world, cfg.data_workers, latent)
     data = batch_loader(spec, table, state.positions, pin_memory=device.type == "cuda")
     text = TextTable.of(table, device)
+    if d.main:
+        _say_if_fewer_than_a_batch(shard_urls, cfg.batch_size)
     if cfg.unseen_words > 0 and not text.word_vectors and d.main:
         print(f"train.unseen_words {cfg.unseen_words:g} is off: the caption table holds "
               f"{table.fingerprint.get('layer')!r} states of {table.fingerprint.get('model')}, not word vectors")
     return data, text
 
 
-def _after_step(state: TrainState, out: Path, monitor: Monitor, logger: TrainLogger, bar, grid_fn) -> None:
+def _say_if_fewer_than_a_batch(shard_urls: list[str], batch_size: int) -> None:
+    """A training split smaller than one batch still trains: the stream runs epoch after epoch,
+    so each batch holds every sample several times, each with its own noise and timestep. Says so
+    in one line (reading at most ``batch_size`` samples' bytes, never the whole split)."""
+    n = sum(1 for _ in itertools.islice(raw_samples(shard_urls), batch_size))
+    if 0 < n < batch_size:
+        print(f"train: the training shards hold {n} samples, fewer than train.batch_size {batch_size}: each "
+              f"batch repeats them (about {batch_size / n:.1f} times, each with its own noise and timestep), "
+              f"so a step sees {n} distinct images; set train.batch_size to {n} or less for shorter steps")
+
+
+def _after_step(state: TrainState, out: Path, monitor: Monitor, logger: TrainLogger, bar, grid_fn,
+                val: Validation | None = None) -> None:
     """What follows step ``state.step``: the metrics every ``train.log_every`` steps, a checkpoint
-    every ``train.checkpoint_every`` (both at the last step too), and on rank 0 the preview grid
-    every ``train.sample_every`` steps before the last (its time left out of the throughput)."""
+    every ``train.checkpoint_every`` (both at the last step too), and on rank 0 the held-out loss
+    every ``train.val_every`` steps (and at the last) and the preview grid every ``train.sample_every``
+    steps before the last (the time of both left out of the throughput)."""
     cfg, step = state.cfg, state.step
+    if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+        t0 = time.perf_counter()
+        logger.log_metrics({"val_loss": val.loss(state)}, step)
+        monitor.pause(time.perf_counter() - t0)
     if step % cfg.log_every == 0 or step == cfg.steps:
         monitor.check(out / CHECKPOINT)
         metrics = monitor.metrics()

@@ -15,6 +15,7 @@ each worker's stream where it stood (no sample repeated or skipped).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -24,7 +25,7 @@ import torch
 
 from diffusion.errors import MissingInputError
 from diffusion.data.latents import LatentSpec, scale_latents
-from diffusion.data.shards import decode_sample, raw_samples
+from diffusion.data.shards import decode_sample, iter_samples, raw_samples
 from diffusion.data.text import EmbeddingTable
 
 
@@ -101,20 +102,31 @@ def batches(stream: ShardStream, table: EmbeddingTable, batch_size: int, latent:
     from latent shards (``latent`` given) the scaled posterior means and standard deviations."""
     it = iter(stream)
     while True:
-        xs, stds, rows = [], [], []
-        for _ in range(batch_size):
-            s = next(it)
-            if latent is None:
-                xs.append(s["image"])
-            else:
-                xs.append(s["mean"])
-                stds.append(s["std"])
-            rows.append(table.row(s["caption"]))
-        if latent is None:
-            x, std = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0), None
-        else:
-            x, std = scale_latents(np.stack(xs), np.stack(stds), latent)
-        yield Batch(x, torch.tensor(rows, dtype=torch.long), dataclasses.replace(stream.position), std, worker)
+        x, std, rows = stack_samples([next(it) for _ in range(batch_size)], table, latent)
+        yield Batch(x, rows, dataclasses.replace(stream.position), std, worker)
+
+
+def stack_samples(samples: list[dict], table: EmbeddingTable, latent: LatentSpec | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Decoded samples -> (x0 (B, C, H, W): images in [-1, 1] or scaled latent means, the latents'
+    scaled std or None, embedding rows (B,))."""
+    rows = torch.tensor([table.row(s["caption"]) for s in samples], dtype=torch.long)
+    if latent is None:
+        x = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        return x, None, rows
+    x, std = scale_latents(np.stack([s["mean"] for s in samples]), np.stack([s["std"] for s in samples]), latent)
+    return x, std, rows
+
+
+def first_samples(urls: list[str], table: EmbeddingTable, n: int, latent: LatentSpec | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first ``n`` samples of the shards in shard order, no shuffle (a fixed held-out set), as
+    (x0, embedding rows); latents as their means. None where the shards hold none."""
+    samples = list(itertools.islice(iter_samples(urls), n))
+    if not samples:
+        return None
+    x, _, rows = stack_samples(samples, table, latent)
+    return x, rows
 
 
 @dataclass
