@@ -109,6 +109,12 @@ def test_ingest_renders_captions_splits_and_counts(tarball, tmp_path):
     assert any(r["caption"] != json.loads(r["meta"])["annotation"] for r in train)
     assert not any("skin tone" in r["caption"] for r in train + val)
     assert stats["image_size"] == 16
+    # every emoji is drawn on a transparent canvas, flattened over ingest.background; the dropped
+    # flag names the kept one it repeats
+    assert all(json.loads(r["meta"]).get("alpha_flattened") for r in train + val)
+    [dup] = pq.read_table(out / "duplicates.parquet").to_pylist()
+    kept = next(json.loads(r["meta"]) for r in train + val if r["key"] == dup["kept_key"])
+    assert dup["source_id"] != kept["source_id"] and kept["group"] == "flags"
 
 
 def _tags_of(hexcode: str) -> dict:

@@ -111,3 +111,20 @@ def test_encoding_only_the_caption_positions_equals_the_full_context():
         kept = full["text_intermediates"][0][:, : tokens.shape[1]]
         torch.testing.assert_close(tokens[mask], kept[mask], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(pooled, full["text_features"], rtol=1e-5, atol=1e-5)
+
+
+def test_captions_that_cannot_teach_prompts_are_named_in_one_line_each(text_encoder, capsys):
+    """Every caption the same, or captions in a script the byte-level BPE spells in pieces (CJK,
+    emoji): embed says so, one line per reason, and still embeds them; English captions pass quietly."""
+    from diffusion.data.text import caption_warnings, embed_captions, unknown_token_share
+
+    english = ["a red circle on the left", "a big blue square", "a small green triangle at the top"]
+    cjk = ["赤い円が左にある", "大きな青い四角", "小さな緑の三角形が上にある", "🦩🧋🫠"]
+    tok = text_encoder.tokenizer
+    assert unknown_token_share(tok, english) == 0.0 and unknown_token_share(tok, cjk) > 0.8
+    assert caption_warnings(text_encoder, english * 2) == []
+    [same] = caption_warnings(text_encoder, ["a photo"] * 5 + [""])
+    assert same.startswith("embed: every one of the 6 captions is 'a photo'") and "\n" not in same
+    table = embed_captions(text_encoder, cjk, progress=False)
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("embed:")]
+    assert "byte pieces of characters" in line and set(cjk) <= set(table.rows)

@@ -281,7 +281,11 @@ class EmbeddingTable:
 
 def embed_captions(encoder: TextEncoder, captions: Iterable[str], batch_size: int = 256,
                    progress: bool = True) -> EmbeddingTable:
-    """Encode each unique caption once (plus the empty caption as row 0)."""
+    """Encode each unique caption once (plus the empty caption as row 0). Says so, in one line
+    each, where the captions cannot teach prompts (``caption_warnings``)."""
+    captions = list(captions)
+    for line in caption_warnings(encoder, captions):
+        print(line)
     # by length, so a batch runs the transformer on about as many positions as its captions have
     unique = [EMPTY_CAPTION] + sorted(set(captions) - {EMPTY_CAPTION}, key=lambda c: (len(c), c))
     toks, masks, pooled = [], [], []
@@ -297,6 +301,46 @@ def embed_captions(encoder: TextEncoder, captions: Iterable[str], batch_size: in
     tokens = tokens * mask[..., None]  # zero the padding so stored values do not depend on batching
     return EmbeddingTable(tokens.half(), mask, torch.cat(pooled).half(),
                           {c: i for i, c in enumerate(unique)}, dict(encoder.fingerprint))
+
+
+UNKNOWN_SHARE = 0.5  # warn when more of the caption tokens than this are byte pieces
+_RATE_CAPTIONS = 2000  # the unique captions the unknown-token share is measured on (the first, sorted)
+
+
+def caption_warnings(encoder: TextEncoder, captions: list[str]) -> list[str]:
+    """One line per reason the captions cannot teach the model to follow prompts: every caption
+    the same, or most tokens byte pieces of characters the tokenizer has no token for."""
+    lines = []
+    unique = sorted(set(captions) - {EMPTY_CAPTION})
+    if len(captions) > 1 and len(unique) == 1:
+        lines.append(f"embed: every one of the {len(captions)} captions is {unique[0][:60]!r}: the model cannot "
+                     "learn to follow prompts from this data, only to draw its images")
+    share = unknown_token_share(encoder.tokenizer, unique[:_RATE_CAPTIONS])
+    if share is not None and share > UNKNOWN_SHARE:
+        lines.append(f"embed: {share:.0%} of the caption tokens are byte pieces of characters that the "
+                     f"{encoder.fingerprint.get('model')} tokenizer has no token for (a script or emoji it "
+                     "barely knows): the text tower reads such captions poorly; caption in a language it "
+                     "knows, or use a tower trained on this script")
+    return lines
+
+
+def unknown_token_share(tokenizer, captions: list[str]) -> float | None:
+    """The share of the captions' tokens that are not a whole character or word: open_clip's
+    byte-level BPE has no unknown token, it spells a character it has no token for in pieces of
+    its UTF-8 bytes, each meaningless alone. None for a tokenizer without a byte-level vocabulary."""
+    decoder, byte_decoder = getattr(tokenizer, "decoder", None), getattr(tokenizer, "byte_decoder", None)
+    if decoder is None or byte_decoder is None or not hasattr(tokenizer, "encode"):
+        return None
+    pieces = unknown = 0
+    for caption in captions:
+        for i in tokenizer.encode(caption):
+            raw = bytes(byte_decoder[c] for c in decoder[i].removesuffix("</w>"))
+            pieces += 1
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                unknown += 1
+    return unknown / pieces if pieces else None
 
 
 def captions_from_index(shard_root: str | Path) -> list[str]:
