@@ -446,6 +446,7 @@ class SampleConfig:
     new_wording_per_combo: int = 2  # built-in set: images per combination in held-out wording (captions.HELD_OUT)
     partial_per_combo: int = 1  # built-in set: images per combination from prompts naming only some attributes
     n_prompts: int = 256  # other sources: this many validation captions
+    n_seen_prompts: int = 128  # other sources: and this many training captions (R-precision on seen captions)
     seed: int = 0  # image i is drawn from seed + i (whatever batch it falls in)
     batch_size: int = 256  # images per sampler call
     device: str = "auto"  # auto | cpu | cuda

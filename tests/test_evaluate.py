@@ -128,3 +128,16 @@ def test_sampling_again_with_other_settings_logs_to_the_same_training_run(tiny_p
         stages.sample(q, tiny_shards, tmp_path / "model", tmp_path / "samples", progress=False)
     run = mlflow.MlflowClient(tracking_uri=p.mlflow.tracking_uri).get_run(info["run_id"])
     assert run.data.tags["sample.sampler"] == "dpmpp_2m" and run.data.tags["sample.steps"] == "3"
+
+
+def test_eval_rows_on_other_data_hold_validation_and_training_captions():
+    """Off the built-in set the sample stage draws the first distinct validation captions, then
+    training captions spread over the index (not drawn already): R-precision has seen and held-out."""
+    from diffusion.config import SampleConfig
+    from diffusion.evaluation.sample import eval_rows
+
+    val = ["a", "b", "b", "c"]
+    train = ["a", "d", "e", "f", "g", "h", "i", "d"]
+    rows = eval_rows(None, SampleConfig(n_prompts=2, n_seen_prompts=3), val, train)
+    assert [r["prompt"] for r in rows] == ["a", "b", "d", "f", "h"]
+    assert [r["prompt"] for r in eval_rows(None, SampleConfig(n_prompts=2, n_seen_prompts=0), val, train)] == ["a", "b"]

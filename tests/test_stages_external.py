@@ -45,7 +45,9 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch, inception
     stages.sample(p, tmp_path / "shards", tmp_path / "model", tmp_path / "samples", progress=False)
     manifest = pq.read_table(tmp_path / "samples/manifest.parquet").to_pylist()
     val_captions = set(pq.read_table(tmp_path / "shards/index-val.parquet").column("caption").to_pylist())
-    assert manifest and {r["prompt"] for r in manifest} <= val_captions
+    train_captions = set(pq.read_table(tmp_path / "shards/index-train.parquet").column("caption").to_pylist())
+    prompts = {r["prompt"] for r in manifest}  # the validation captions, then training ones not among them
+    assert manifest and val_captions <= prompts <= val_captions | train_captions
     metrics = stages.evaluate(p, tmp_path / "samples", tmp_path / "judge", tmp_path / "model",
                               tmp_path / "reports/metrics.json", tmp_path / "shards", tmp_path / "reports/evaluation.md",
                               tmp_path / "emb")
@@ -54,6 +56,7 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch, inception
     rp = metrics["retrieval"]["r_precision"]
     assert rp["generated"]["all"]["n"] == len(manifest) and rp["real"]["all"]["n"] > 0
     assert rp["generated"]["all"]["n"] == rp["generated"]["seen"]["n"] + rp["generated"]["held_out"]["n"]
+    assert rp["generated"]["seen"]["n"] > 0 and rp["real"]["seen"]["n"] > 0
     assert 0 <= rp["generated"]["all"]["mean"] <= 1 and rp["generated"]["all"]["chance"] > 0
     assert metrics["retrieval"]["fd"]["generated"] > 0
     from diffusion.artifacts import write_adherence_plot

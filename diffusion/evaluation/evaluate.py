@@ -184,15 +184,24 @@ def evaluate_samples(samples_dir: str | Path, judge_dir: str | Path,
 
 
 def retrieval_metrics(images: np.ndarray, rows: list[dict], directory: str | Path, table, val_urls: list[str],
-                      val_captions: list[str], train_captions: set[str], n_real: int) -> dict:
+                      val_captions: list[str], train_captions: set[str], n_real: int,
+                      train_urls: list[str] = ()) -> dict:
     """The retrieval evaluator's block (``retrieval.evaluate_retrieval``) for generated ``images``
-    of prompt ``rows``: beside up to ``n_real`` real validation images with their captions, the
-    distinct validation captions as distractors, seen/held-out split by the training captions."""
+    of prompt ``rows``: beside up to ``n_real`` real validation images with their captions (and,
+    from ``train_urls``, one real training image of each prompt that is a training caption, for
+    the seen captions' real figure), the distinct validation captions as distractors, seen/held-out
+    split by the training captions. The FD compares with the validation images only."""
     from diffusion.evaluation.retrieval import evaluate_retrieval, read_pairs
 
-    real, real_captions = read_pairs(val_urls, table, n_real, images.shape[1])
-    return evaluate_retrieval(directory, table, images, [r["prompt"] for r in rows], real, real_captions,
-                              sorted(set(val_captions)), train_captions)
+    prompts = [r["prompt"] for r in rows]
+    val, val_pairs = read_pairs(val_urls, table, n_real, images.shape[1])
+    real, real_captions = val, val_pairs
+    seen = set(prompts) & train_captions
+    if seen and train_urls:
+        taught, taught_captions = read_pairs(list(train_urls), table, len(seen), val.shape[1], only=seen)
+        real, real_captions = np.concatenate([val, taught]), val_pairs + taught_captions
+    return evaluate_retrieval(directory, table, images, prompts, real, real_captions, sorted(set(val_captions)),
+                              train_captions, fd_real=val)
 
 
 def cache_dir(cfg: EvaluateConfig) -> Path:

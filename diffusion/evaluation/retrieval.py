@@ -123,17 +123,24 @@ def text_inputs(table: EmbeddingTable, rows: torch.Tensor) -> tuple[torch.Tensor
     return table.tokens[rows].float(), mask, table.pooled[rows].float()
 
 
-def read_pairs(urls: list[str], table: EmbeddingTable, limit: int, max_side: int) -> tuple[np.ndarray, list[str]]:
+def read_pairs(urls: list[str], table: EmbeddingTable, limit: int, max_side: int,
+               only: set[str] | None = None) -> tuple[np.ndarray, list[str]]:
     """Up to ``limit`` (image, caption) pairs from shards, in order, images at most ``max_side``
-    square; pairs whose caption is empty or has no embedding are left out."""
+    square; pairs whose caption is empty or has no embedding are left out. ``only``: just the
+    first image of each of these captions."""
     from diffusion.data.shards import iter_samples
 
     images, captions = [], []
+    wanted = None if only is None else set(only)
     for s in iter_samples(urls):
         if len(images) >= limit:
             break
         if not s["caption"] or s["caption"] not in table.rows:
             continue
+        if wanted is not None:
+            if s["caption"] not in wanted:
+                continue
+            wanted.discard(s["caption"])
         images.append(s["image"])
         captions.append(s["caption"])
     if not images:
@@ -335,11 +342,12 @@ def seen_groups(captions: list[str], train_captions: set[str]) -> dict[str, np.n
 
 
 def evaluate_retrieval(directory: str | Path, table: EmbeddingTable, generated: np.ndarray, prompts: list[str],
-                       real: np.ndarray, real_captions: list[str], pool: list[str], train_captions: set[str]) -> dict:
+                       real: np.ndarray, real_captions: list[str], pool: list[str], train_captions: set[str],
+                       fd_real: np.ndarray | None = None) -> dict:
     """The ``retrieval.*`` metrics for generated images of ``prompts``, beside the same for the real
     images ``real`` of ``real_captions``: R-precision (all, seen, held_out) against distractors from
     ``pool`` (distinct validation captions), FD in the evaluator's image space with its real floor,
-    and the evaluator's own validation scores. Prompts without an embedding (a caption the embed
+    (against ``fd_real`` where given, else ``real``) and the evaluator's own validation scores. Prompts without an embedding (a caption the embed
     stage never saw) are left out of R-precision and counted under ``no_embedding``."""
     model, info = load_retrieval(directory)
     size, k, seed = info["image_size"], info["distractors"], info["seed"]
@@ -352,5 +360,6 @@ def evaluate_retrieval(directory: str | Path, table: EmbeddingTable, generated: 
                                    seen_groups(kept, train_captions)),
           "real": r_precision(model, table, size, real[real_keep], real_kept, pool, k, seed,
                               seen_groups(real_kept, train_captions))}
-    return {"r_precision": rp, "fd": fd_images(model, size, generated, real), "evaluator": info["val"],
+    fd = fd_images(model, size, generated, real if fd_real is None else fd_real)
+    return {"r_precision": rp, "fd": fd, "evaluator": info["val"],
             "no_embedding": int((~keep).sum())}

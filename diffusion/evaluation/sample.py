@@ -15,14 +15,21 @@ from diffusion.data.shapes import eval_prompts
 from diffusion.data.text import TextEncoder
 
 
-def eval_rows(dataset: DatasetConfig | None, cfg: SampleConfig, val_captions: list[str]) -> list[dict]:
+def eval_rows(dataset: DatasetConfig | None, cfg: SampleConfig, val_captions: list[str],
+              train_captions: list[str] = ()) -> list[dict]:
     """The prompts to sample: with the built-in set, ``shapes.eval_prompts`` (every attribute
     combination in training and held-out wording, and prompts naming only some attributes, with
-    their attributes for the judge); otherwise ``n_prompts`` validation captions."""
+    their attributes for the judge); otherwise the first ``n_prompts`` distinct validation captions,
+    then ``n_seen_prompts`` distinct training captions spread evenly over the training index (not
+    already drawn), so that adherence is measured on captions the model was taught too."""
     if dataset is not None:
         return eval_prompts(dataset, cfg.per_combo, cfg.new_wording_per_combo, cfg.partial_per_combo)
-    unique = list(dict.fromkeys(c for c in val_captions if c))
-    return [{"prompt": c} for c in unique[: cfg.n_prompts]]
+    unique = list(dict.fromkeys(c for c in val_captions if c))[: cfg.n_prompts]
+    taught = [c for c in dict.fromkeys(c for c in train_captions if c) if c not in set(unique)]
+    if cfg.n_seen_prompts and taught:
+        step = max(1, len(taught) // cfg.n_seen_prompts)
+        unique += taught[::step][: cfg.n_seen_prompts]
+    return [{"prompt": c} for c in unique]
 
 
 def sample_eval_set(denoiser: Denoiser, meta: dict, encoder: TextEncoder, rows: list[dict],

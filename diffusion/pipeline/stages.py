@@ -204,7 +204,8 @@ def sample(p: Params, shards_dir: str | Path, model_dir: str | Path, out_dir: st
     encoder = _encoder_for(p, meta)
     builtin = p.ingest.source == "builtin"
     captions = [] if builtin else art.split_captions(shards_dir, "val")
-    rows = eval_rows(p.dataset if builtin else None, p.sample, captions)
+    rows = eval_rows(p.dataset if builtin else None, p.sample, captions,
+                     [] if builtin else art.split_captions(shards_dir, "train"))
     out = sample_eval_set(denoiser, meta, encoder, rows, p.sample, out_dir, progress=progress)
     run = art.read_run_file(model_dir)
     if run:
@@ -258,7 +259,8 @@ def _retrieval_inputs(judge_dir, embeddings_dir, shards_dir) -> dict | None:
     from diffusion.data.text import EmbeddingTable
 
     return {"directory": directory, "table": EmbeddingTable.load(art.require(embeddings_dir, "embeddings", "embed")),
-            "val_urls": art.shard_urls(shards_dir, "val"), "val_captions": art.split_captions(shards_dir, "val"),
+            "val_urls": art.shard_urls(shards_dir, "val"), "train_urls": art.shard_urls(shards_dir, "train"),
+            "val_captions": art.split_captions(shards_dir, "val"),
             "train_captions": set(art.split_captions(shards_dir, "train"))}
 
 
