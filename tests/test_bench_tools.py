@@ -177,3 +177,99 @@ def test_step_profile_splits_and_profiles_the_loops_step_on_the_cpu(tmp_path):
         assert r["profile"]["kernels"]["aten::convolution_backward"]["calls_per_step"] > 0
     table = res.stdout.split("per kernel, ms a step")[1]
     assert "aten::convolution_backward" in table and "diffusers-unet" in table
+
+
+def _quality_params(tmp_path: Path) -> Path:
+    """The tiny params with a UNet diffusers can match within 10% and the OpenMoji recipe's v target
+    and min-SNR weighting, so the diffusers side's own target and weighting run."""
+    import yaml
+    from conftest import tiny_params_dict
+
+    data = tiny_params_dict()
+    data["train"].update(prediction="v", loss_weighting="min_snr", batch_size=8)
+    data["train"]["unet"].update(channels=32, channel_mult=[1, 2], attn_levels=[1], heads=2)
+    data["sample"].update(steps=2)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("prediction,weighting", [("eps", "none"), ("v", "min_snr")])
+def test_quality_bench_diffusers_loss_is_ours_on_the_same_draws(tiny_embeddings, prediction, weighting):
+    """The diffusers step's loss (DDPMScheduler target, compute_snr weights) equals our
+    diffusion_loss over the same network behind our Denoiser, for the same caption dropout, t and noise."""
+    import dataclasses
+
+    import torch
+    from quality_bench import RecipeDiffusersTrainer
+    from train_bench import match_diffusers
+
+    from diffusion.config import load_params
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.models.loss import diffusion_loss
+    from diffusion.models.unet import UNet, count_params
+    from diffusion.training.train import adamw_kwargs
+    from diffusion.training.train_data import Batch, DataPosition
+
+    t = load_params(ROOT / "params.yaml").train
+    u = dataclasses.replace(t.unet, channels=32, channel_mult=[1, 2], attn_levels=[1], heads=2)
+    cfg = dataclasses.replace(t, unet=u, prediction=prediction, loss_weighting=weighting)
+    table = EmbeddingTable.load(tiny_embeddings)
+    d, p = table.tokens.shape[-1], table.pooled.shape[-1]
+    with torch.device("meta"):
+        n = count_params(UNet(u, text_dim=d, pooled_dim=p, in_channels=3))
+    dev = torch.device("cpu")
+    tr = RecipeDiffusersTrainer(match_diffusers(u, n, d, p, 12, False), 2, cfg, table, dev, adamw_kwargs(cfg, dev), False, False)
+    batch = Batch(x0=torch.rand(6, 3, 16, 16) * 2 - 1, rows=torch.arange(1, 7), position=DataPosition())
+    tr.gen.manual_seed(5)
+    theirs = tr.loss(batch, tr.model)
+    den = tr.ema_denoiser()
+    den.net = tr.model  # the trained network, not its EMA
+    tr.gen.manual_seed(5)  # the same draws, in the same order: caption dropout, t, noise
+    cond = tr.text.training_cond(batch.rows, cfg, tr.gen)
+    ours = diffusion_loss(den, batch.x0, cond, weighting=weighting, gamma=cfg.min_snr_gamma, generator=tr.gen).mean()
+    assert float(theirs.detach()) == pytest.approx(float(ours.detach()), rel=1e-4)
+
+
+def test_quality_bench_trains_both_in_turns_and_reports_time_to_goal(tiny_shards, tiny_embeddings, tmp_path):
+    import csv
+    import dataclasses
+
+    from conftest import tiny_params_dict
+    from quality_bench import main
+
+    from diffusion.config import parse_params
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.evaluation.retrieval import build_retrieval
+    from diffusion import artifacts as art
+
+    params = _quality_params(tmp_path)
+    p = parse_params(tiny_params_dict(), "tiny")
+    retrieval = dataclasses.replace(p.retrieval, steps=8)  # its scores need not be good here
+    build_retrieval(retrieval, art.shard_urls(tiny_shards, "train"), art.shard_urls(tiny_shards, "val"),
+                    EmbeddingTable.load(tiny_embeddings), tmp_path / "judge" / art.RETRIEVAL_DIR, progress=False)
+    out = tmp_path / "q.json"
+    base = ["--shards", str(tiny_shards), "--embeddings", str(tiny_embeddings), "--judge", str(tmp_path / "judge"),
+            "--params", str(params), "--n-prompts", "8"]
+    # an unreachable goal: both train every step, in turns of 2
+    assert main([*base, "--chunk", "2", "--max-steps", "3", "--goal-fraction", "2", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["curves"]) == {"ours-unet", "diffusers-unet"}
+    for name, curve in rep["curves"].items():
+        assert [pt["steps"] for pt in curve] == [2, 3]  # the last turn is cut at --max-steps
+        assert 0 < curve[0]["train_s"] < curve[1]["train_s"] and all(0 <= pt["r_precision"] <= 1 for pt in curve)
+        m = rep["result"]["models"][name]
+        assert not m["reached"] and m["steps"] == 3 and m["train_s_to_goal"] is None
+    assert rep["result"]["speedup_kind"] == "neither_reached" and rep["result"]["meets_goal"] is False
+    ev = rep["evaluation"]
+    assert ev["prompts"] == 8 and sum(ev["real_from"].values()) == 8 and ev["goal"] == pytest.approx(2 * ev["real_r_precision"]["mean"])
+    assert abs(rep["matching"]["ratio"] - 1) <= TOLERANCE and rep["recipe"]["prediction"] == "v"
+    assert rep["machine"]["cpu"] and rep["command"].endswith("--out " + str(out)) and "bench/quality_bench.py" in rep["command"]
+    with out.with_suffix(".csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 4
+    # a goal of 0: each model stops after its first turn, and the ratio is of the times to goal
+    assert main([*base, "--chunk", "1", "--max-steps", "2", "--goal-fraction", "0", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["result"]
+    assert all(m["reached"] and m["steps_to_goal"] == m["steps"] == 1 for m in res["models"].values())
+    o, d = res["models"]["ours-unet"], res["models"]["diffusers-unet"]
+    assert res["speedup_kind"] == "exact" and res["speedup"] == pytest.approx(d["train_s_to_goal"] / o["train_s_to_goal"])
