@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from diffusion.registry import tracking
 from diffusion.pipeline.batch import run_batch
-from diffusion.pipeline.batch_workers import check_scheduler, render_on_worker, worker_engine
+from diffusion.pipeline.batch_workers import check_scheduler, check_workers, render_on_worker, worker_engine
 from diffusion.config import Params, load_params
 from diffusion.errors import T2IError
 
@@ -60,6 +60,10 @@ def batch_on_workers_flow(prompts: str, model_uri: str, output_dir: str, run_nam
         import mlflow
 
         mlflow.set_tracking_uri(uri)
+    from prefect.context import FlowRunContext
+
+    # a worker without the project would die on its first chunk and the batch wait for ever: fail here, in one line
+    check_workers(FlowRunContext.get().task_runner.client)
     engine = worker_engine(lambda ref, chunk, size: chunk_task.submit(ref, chunk, size), p.batch.device, p, uri)
     return run_batch(prompts, model_uri, output_dir, run_name, date=date, cfg=p.batch, params=p,
                      overrides=overrides, log=get_run_logger().info, progress=False, engine=engine)

@@ -22,7 +22,8 @@ import yaml
 from conftest import tiny_params_dict
 from diffusion.errors import T2IError
 from diffusion.pipeline.batch import PARTS, generate_batch, load_generator, plan_rows, read_prompts
-from diffusion.pipeline.batch_workers import ModelRef, check_scheduler, render_on_worker, worker_device
+from diffusion.pipeline.batch_workers import (ModelRef, check_scheduler, check_workers, render_on_worker,
+                                              worker_device)
 
 pytest.importorskip("prefect_dask", reason="prefect-dask is the `cluster` extra (and in `test`)")
 
@@ -90,7 +91,7 @@ def _kill_a_worker_mid_chunk(client, out: Path, killed: list) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # the session fixtures (a trained tiny model) count too
 def test_batch_on_two_workers_equals_one_process_even_when_a_worker_is_killed(tmp_path, cluster, api, tiny_model,
                                                                              tiny_params):
     from distributed import get_task_stream
@@ -98,7 +99,7 @@ def test_batch_on_two_workers_equals_one_process_even_when_a_worker_is_killed(tm
     from flows.batch import batch_generation_flow
 
     local_cluster, client = cluster
-    n = 24
+    n = 12
     project = _project(tmp_path, n)
     # the one-process run: the library, in this process, as the local runner draws it
     gen = load_generator(str(tiny_model), device="cpu", params=tiny_params)
@@ -169,3 +170,27 @@ def test_workers_take_one_gpu_each():
     assert worker_device("auto", 1, 0) == "cpu" and worker_device("cpu", 1, 8) == "cpu"
     with pytest.raises(T2IError, match="sees no CUDA GPU"):
         worker_device("cuda", 0, 0)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_cannot_import_the_project_is_named_in_one_line(cluster):
+    """A real worker process whose Python lacks the project (site-packages without its editable
+    install) joins the cluster: the check before any chunk is sent names it."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    local_cluster, client = cluster
+    assert check_workers(client) == 2
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}  # -S: no .pth, so no editable install
+    worker = subprocess.Popen([sys.executable, "-S", "-m", "distributed.cli.dask_worker",
+                               local_cluster.scheduler_address, "--nthreads", "1", "--no-nanny", "--name", "bare"],
+                              cwd="/", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client.wait_for_workers(3, timeout=60)
+        with pytest.raises(T2IError, match=r"^1 of 3 Dask workers cannot import the project \(tcp://") as e:
+            check_workers(client)
+        assert "\n" not in str(e.value)
+    finally:
+        worker.kill()
+        worker.wait()

@@ -130,3 +130,19 @@ def check_scheduler(address: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise T2IError(f"batch.dask_address {address}: no Dask scheduler answers there ({e.strerror or e}); "
                        "start one (`dask scheduler`) or set batch.dask_address to null for a LocalCluster") from None
+
+
+# evaluated on each worker (``eval`` is a builtin, so it travels by name even to a worker without the project)
+_CAN_IMPORT = "__import__('importlib.util').util.find_spec('diffusion') is not None"
+
+
+def check_workers(client) -> int:
+    """A one-line error naming the workers of ``client`` (a ``distributed.Client``) that cannot
+    import this project: such a worker dies unpickling its first chunk and the batch would wait for
+    ever. Returns the number of workers."""
+    found = client.run(eval, _CAN_IMPORT)
+    missing = sorted(address for address, ok in found.items() if not ok)
+    if missing:
+        raise T2IError(f"{len(missing)} of {len(found)} Dask workers cannot import the project ({', '.join(missing)}): "
+                       "install this package (pip install -e '.[cluster]') where every worker runs")
+    return len(found)
