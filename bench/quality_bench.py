@@ -472,6 +472,10 @@ def run(args, paths: dict) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():  # before the smoke inputs are made
+        raise SystemExit("--device cuda: no CUDA GPU is available")
     if not args.smoke:
         return run(args, {"shards": args.shards, "embeddings": args.embeddings, "judge": args.judge,
                           "params": args.params})
