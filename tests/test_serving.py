@@ -241,8 +241,9 @@ def test_batched_answers_are_each_request_served_alone(server, batch_server):
         assert answer["predictions"] == alone  # same prompt, seed and PNG bytes
         assert [(r["prompt"], r["seed"]) for r in alone] == [(r["prompt"], r["seed"]) for r in body["dataframe_records"]]
     assert len({a["predictions"][0]["image"] for _, a in answers}) == len(bodies)  # seeds differ, images differ
-    # mlflow models serve draws the pair at its own shape (2 rows, its prompts' token length): CPU
-    # kernels round by shape, so a pixel may move by one 8-bit level, never more
+    # mlflow models serve draws the pair at its own shape (2 rows, its prompts' token length) and
+    # breaks its base64 into lines: the same PNG bytes on the 2-core EPYC; a CPU whose kernels round
+    # by batch shape may move a pixel by one 8-bit level (docs/operations.md#batch-generation)
     for theirs, ours in zip(server.predictions(pair), answers[-1][1]["predictions"]):
         a, b = (np.asarray(Image.open(io.BytesIO(png(r["image"]))), dtype=int) for r in (theirs, ours))
         assert np.abs(a - b).max() <= 1 and (a != b).mean() < 0.05, (np.abs(a - b).max(), (a != b).mean())

@@ -9,8 +9,9 @@ Why a request's images do not depend on its neighbours, bit for bit:
 
 - each image's noise comes from its own ``torch.Generator(seed)`` (``generate``);
 - each prompt is encoded alone (and cached), so its text states never share a batch;
-- with ``fixed_shape`` (the default) every sampler call has one fixed shape: ``max_batch`` rows (the
-  gathered ones, then copies of the first) and the text tower's full context length. CPU kernels
+- with ``fixed_shape`` (the default) every call that holds a request has one shape: ``max_batch``
+  rows (the gathered ones, then copies of the first) and the request's text length rounded up to a
+  multiple of ``TOKEN_BUCKET`` (only requests of one such bucket share a call). CPU kernels
   may round differently by batch shape, never by the other rows' values, so a request gets the
   same bytes alone or in any crowd. Without ``fixed_shape`` only the gathered rows are computed (cheaper
   for a lone request), and identity rests on the kernels being shape-invariant, as they were on
@@ -35,6 +36,9 @@ from diffusion.models.unet import Cond
 from diffusion.sampling.generate import generate, table_cond
 
 
+TOKEN_BUCKET = 16  # fixed_shape: text lengths are padded to a multiple of this (the tower's context at most)
+
+
 class BadRequest(T2IError):
     """A request refused before it is queued; ``status`` is its HTTP status (4xx)."""
 
@@ -51,6 +55,7 @@ class Request:
     seeds: list[int]
     negatives: list[str]  # "" where a row has none
     settings: SampleConfig
+    tokens: int = 0  # the token length its text is drawn at (fixed_shape: its prompts' bucket)
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
@@ -129,7 +134,7 @@ class Batcher:
             settings = self.model._settings(params)
         except MlflowException as e:
             raise BadRequest(e.message) from None
-        request = Request(prompts, seeds, negatives, settings)
+        request = Request(prompts, seeds, negatives, settings, self._bucket(prompts + negatives))
         with self._cv:
             if self._closed:
                 raise T2IError("the batcher is closed")
@@ -138,9 +143,13 @@ class Batcher:
         return request.future
 
     def close(self) -> None:
+        """Stop after the call in progress; requests still queued get an error, not a hang."""
         with self._cv:
             self._closed = True
+            left, self._queue = self._queue, []
             self._cv.notify()
+        for r in left:
+            r.future.set_exception(T2IError("the server is shutting down"))
         self._thread.join(timeout=60)
 
     def _loop(self) -> None:
@@ -150,7 +159,7 @@ class Batcher:
                 return
             try:
                 images = self.draw([p for r in batch for p in r.prompts], [s for r in batch for s in r.seeds],
-                                   [n for r in batch for n in r.negatives], batch[0].settings)
+                                   [n for r in batch for n in r.negatives], batch[0].settings, batch[0].tokens)
             except Exception as e:  # noqa: BLE001 (handed to every waiting request, the worker lives on)
                 for r in batch:
                     r.future.set_exception(e)
@@ -175,17 +184,29 @@ class Batcher:
                 first = self._queue[0]
                 batch, rows = [], 0
                 for r in self._queue:
-                    if r.settings == first.settings and rows + len(r.prompts) <= self.max_batch:
+                    same = r.settings == first.settings and r.tokens == first.tokens
+                    if same and rows + len(r.prompts) <= self.max_batch:
                         batch.append(r)
                         rows += len(r.prompts)
                 left = first.arrived + self.max_wait - time.monotonic()
                 if rows >= self.max_batch or left <= 0:
-                    self._queue = [r for r in self._queue if r not in batch]
+                    taken = {id(r) for r in batch}
+                    self._queue = [r for r in self._queue if id(r) not in taken]
                     return batch
                 self._cv.wait(left)
 
-    def draw(self, prompts: list[str], seeds: list[int], negatives: list[str], settings: SampleConfig) -> list[bytes]:
-        """PNG bytes of one image per row, in one sampler call (padded to the fixed shape with ``fixed_shape``)."""
+    def _bucket(self, texts: list[str]) -> int:
+        """fixed_shape: the token length a request's texts are drawn at, its longest text's rounded up
+        to a multiple of TOKEN_BUCKET (only requests of one bucket share a call); else 0 (the batch's longest)."""
+        if not self.fixed_shape:
+            return 0
+        longest = int((self.model.encoder.tokenizer(texts).argmax(dim=-1) + 1).max())  # as TextEncoder.encode
+        return min(self.token_length, -(-longest // TOKEN_BUCKET) * TOKEN_BUCKET)
+
+    def draw(self, prompts: list[str], seeds: list[int], negatives: list[str], settings: SampleConfig,
+             tokens: int = 0) -> list[bytes]:
+        """PNG bytes of one image per row, in one sampler call; with ``fixed_shape`` at max_batch rows
+        and ``tokens`` text positions."""
         from diffusion.registry.pyfunc import png_bytes
 
         n = len(prompts)
@@ -193,23 +214,25 @@ class Batcher:
             extra = self.max_batch - n
             prompts, seeds, negatives = prompts + [prompts[0]] * extra, seeds + [seeds[0]] * extra, \
                 negatives + [negatives[0]] * extra
-        cond, uncond = self._cond(prompts), self._cond(negatives)
+        length = tokens or max(self._encoded(t).tokens.shape[1] for t in prompts + negatives)
+        cond, uncond = self._cond(prompts, length), self._cond(negatives, length)
         images = generate(self.model.denoiser, cond, uncond, seeds, self.image_size,
                           replace(settings, batch_size=len(prompts)))
         self.calls += 1
         self.images += n
         return [png_bytes(img) for img in images[:n]]
 
-    def _cond(self, texts: list[str]) -> Cond:
-        """One row per text, each encoded alone and cached; tokens padded to a fixed length with ``fixed_shape``."""
-        for t in dict.fromkeys(texts):
-            if t not in self._texts:
-                if len(self._texts) >= self._text_cache:
-                    self._texts.pop(next(iter(self._texts)))
-                # the embed stage's path (float16 as the table stores it), as T2IModel.predict encodes
-                self._texts[t] = table_cond(embed_captions(self.model.encoder, [t], progress=False), [t])[0]
-        length = self.token_length if self.fixed_shape else max(self._texts[t].tokens.shape[1] for t in texts)
-        rows = [self._texts[t].padded(length) for t in texts]
+    def _encoded(self, text: str) -> Cond:
+        """``text`` encoded alone (cached), through the embed stage's path as T2IModel.predict encodes."""
+        if text not in self._texts:
+            if len(self._texts) >= self._text_cache:
+                self._texts.pop(next(iter(self._texts)))
+            self._texts[text] = table_cond(embed_captions(self.model.encoder, [text], progress=False), [text])[0]
+        return self._texts[text]
+
+    def _cond(self, texts: list[str], length: int) -> Cond:
+        """One row per text, token axis padded to ``length``."""
+        rows = [self._encoded(t).padded(length) for t in texts]
         return Cond(torch.cat([r.tokens for r in rows]), torch.cat([r.mask for r in rows]),
                     torch.cat([r.pooled for r in rows]))
 
