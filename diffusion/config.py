@@ -599,8 +599,8 @@ class ServeConfig:
     port: int = 5001  # /invocations, /ping, /health (as mlflow models serve)
     max_batch: int = 16  # images drawn in one sampler call; a request with more records is refused (413)
     max_wait_ms: float = 10.0  # how long the oldest waiting request may wait for others to fill a batch
-    # every sampler call at one shape (max_batch rows, the text tower's full context length), so an
-    # image is the same bit for bit whatever it was batched with (CPU kernels round by shape); false: only the
+    # every sampler call at one shape (max_batch rows, text padded to a 16-token bucket), so an image is
+    # the same bit for bit whatever it was batched with (CPU kernels may round by shape); false: only the
     # gathered rows (cheaper when requests come alone; identical where kernels do not round by shape)
     fixed_shape: bool = True
 
