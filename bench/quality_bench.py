@@ -28,7 +28,9 @@ spell of a shared machine hits both alike; after each chunk the model's EMA samp
 (seed ``sample.seed`` + i per prompt, the same noise for both) and is scored. A model stops once
 it reaches the goal or ``--max-steps``. Its time to goal is its training wall seconds (the steps,
 the batches' loading and decoding; sampling and scoring excluded) at the end of the first chunk
-whose evaluation met the goal, so it is resolved to a chunk.
+whose evaluation met the goal, so it is resolved to a chunk. Before the clock each model runs one
+untimed forward and backward (no optimizer step, its random draws restored: the weights and
+draws are those of a run without it), so first-call costs fall on neither.
 
 Matched (the same for both): the data (each model its own ``diffusion.training.train_data``
 stream over the train shards, same seed and shuffle buffer, decoded in the training process
@@ -212,6 +214,28 @@ class Run:
     train_s: float = 0.0
     curve: list = dataclasses.field(default_factory=list)
     reached: dict | None = None
+    warmup_s: float = 0.0  # the untimed forward and backward before the clock
+
+
+def warm_up(run: Run, batch, device) -> float:
+    """One untimed forward and backward (no optimizer step, gradients dropped, the trainer's random
+    draws restored), so one-time costs (first-call kernels and allocations) fall on neither clock
+    and the weights and draws are those of a run without it. Returns its seconds."""
+    from diffusion.training.train import micro_loss
+
+    tr = run.trainer
+    gen = tr.state.gen if isinstance(tr, LoopTrainer) else tr.gen
+    saved = gen.get_state()
+    t0 = time.perf_counter()
+    if isinstance(tr, LoopTrainer):
+        loss = micro_loss(tr.state, batch, tr.text, False)
+    else:
+        loss = tr.loss(batch, tr.forward)
+    loss.backward()
+    tr.opt.zero_grad(set_to_none=True)
+    sync(device)
+    gen.set_state(saved)
+    return time.perf_counter() - t0
 
 
 def train_chunk(run: Run, steps: int, device) -> float:
@@ -294,7 +318,11 @@ def build_runs(cfg, table, shards: Path, image_size: int, device, m: dict) -> li
     channels_last = device.type == "cuda" and cfg.channels_last
     theirs = RecipeDiffusersTrainer(m, cfg.unet.patch, cfg, table, device, adamw_kwargs(cfg, device),
                                     channels_last, cfg.compile)
-    return [Run("ours-unet", ours, data(), ours.state.ema), Run("diffusers-unet", theirs, data(), theirs.ema_denoiser())]
+    runs = [Run("ours-unet", ours, data(), ours.state.ema), Run("diffusers-unet", theirs, data(), theirs.ema_denoiser())]
+    first = next(data())  # a batch of the same stream, from its own iterator: the runs' streams are untouched
+    for run in runs:
+        run.warmup_s = warm_up(run, first, device)
+    return runs
 
 
 def match(cfg, table, cuda: bool) -> dict:
@@ -318,7 +346,8 @@ def outcome(runs: list[Run], max_steps: int) -> dict:
         per[r.name] = {"reached": r.reached is not None, "steps": r.steps, "train_s": round(r.train_s, 3),
                        "steps_to_goal": r.reached["steps"] if r.reached else None,
                        "train_s_to_goal": r.reached["train_s"] if r.reached else None,
-                       "best_r_precision": max((p["r_precision"] for p in r.curve), default=None)}
+                       "best_r_precision": max((p["r_precision"] for p in r.curve), default=None),
+                       "warmup_s": round(r.warmup_s, 3)}
     o, d = per["ours-unet"], per["diffusers-unet"]
     if o["reached"] and d["reached"]:
         ratio, kind = d["train_s_to_goal"] / o["train_s_to_goal"], "exact"

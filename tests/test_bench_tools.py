@@ -259,7 +259,7 @@ def test_quality_bench_trains_both_in_turns_and_reports_time_to_goal(tiny_shards
         assert [pt["steps"] for pt in curve] == [2, 3]  # the last turn is cut at --max-steps
         assert 0 < curve[0]["train_s"] < curve[1]["train_s"] and all(0 <= pt["r_precision"] <= 1 for pt in curve)
         m = rep["result"]["models"][name]
-        assert not m["reached"] and m["steps"] == 3 and m["train_s_to_goal"] is None
+        assert not m["reached"] and m["steps"] == 3 and m["train_s_to_goal"] is None and m["warmup_s"] > 0
     assert rep["result"]["speedup_kind"] == "neither_reached" and rep["result"]["meets_goal"] is False
     ev = rep["evaluation"]
     assert ev["prompts"] == 8 and sum(ev["real_from"].values()) == 8 and ev["goal"] == pytest.approx(2 * ev["real_r_precision"]["mean"])
