@@ -29,8 +29,8 @@ spell of a shared machine hits both alike; after each chunk the model's EMA samp
 it reaches the goal or ``--max-steps``. Its time to goal is its training wall seconds (the steps,
 the batches' loading and decoding; sampling and scoring excluded) at the end of the first chunk
 whose evaluation met the goal, so it is resolved to a chunk. Before the clock each model runs one
-untimed forward and backward (no optimizer step, its random draws restored: the weights and
-draws are those of a run without it), so first-call costs fall on neither.
+untimed forward and backward (no optimizer step; on the CPU its random draws are restored, so
+the weights and draws are those of a run without it), so first-call costs fall on neither.
 
 Matched (the same for both): the data (each model its own ``diffusion.training.train_data``
 stream over the train shards, same seed and shuffle buffer, decoded in the training process
@@ -218,8 +218,8 @@ class Run:
 
 
 def warm_up(run: Run, batch, device) -> float:
-    """One untimed forward and backward (no optimizer step, gradients dropped, the trainer's random
-    draws restored), so one-time costs (first-call kernels and allocations) fall on neither clock
+    """One untimed forward and backward (no optimizer step, gradients dropped, the trainer's CPU
+    generator restored; on CUDA t and noise come from the global CUDA generator), so one-time costs (first-call kernels and allocations) fall on neither clock
     and the weights and draws are those of a run without it. Returns its seconds."""
     from diffusion.training.train import micro_loss
 
