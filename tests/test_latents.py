@@ -227,6 +227,9 @@ def test_train_sample_register_in_latent_space(ingested, tmp_path, vae_dir):
     assert previews == ["train_samples/step_0000006.png"]
     grid = Image.open(client.download_artifacts(run["run_id"], previews[0], str(tmp_path)))
     assert grid.size == Image.open(tmp_path / "model" / art.TRAIN_GRID).size
+    # val_loss (train.val_every) on the val split's latents, at the last step: MLflow and loss.csv
+    assert [m.step for m in client.get_metric_history(run["run_id"], "val_loss")] == [12]
+    assert pd.read_csv(tmp_path / "model" / art.LOSS_HISTORY)["val_loss"].notna().sum() == 1
 
     stages.sample(p, root / "shards", tmp_path / "model", tmp_path / "samples", progress=False)
     manifest = art.read_manifest(tmp_path / "samples")
