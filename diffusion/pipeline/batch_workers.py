@@ -18,6 +18,7 @@ exports ``OMP_NUM_THREADS=1`` to it, so one thread each unless ``T2I_THREADS`` s
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from diffusion.errors import T2IError
@@ -63,6 +64,23 @@ def _worker_name():
         return workers[0].name if len(workers) == 1 else None
 
 
+def _malloc_for_torch() -> bool:
+    """Undo a Dask nanny's ``MALLOC_TRIM_THRESHOLD_=65536`` in this process (glibc only). Any such
+    setting freezes glibc's mmap threshold at 128 KiB, so every large tensor is a fresh mmap and its
+    pages are faulted in again on each use: the sampler ran 2.7x slower on the EPYC. Keep the heap
+    (and freed tensor memory) instead, as a process without the variable does."""
+    if not os.environ.get("MALLOC_TRIM_THRESHOLD_") or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameter numbers (malloc.h)
+    return bool(libc.mallopt(m_trim_threshold, 256 << 20) and libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 _LOADED: dict[tuple, Generator] = {}  # per worker process: the model it loaded, kept for every chunk
 
 
@@ -77,6 +95,7 @@ def worker_generator(ref: ModelRef) -> Generator:
     from diffusion import threads
 
     threads.apply()
+    _malloc_for_torch()
     name = _worker_name()
     device = worker_device(ref.device, name, torch.cuda.device_count())
     where = f"worker {name if name is not None else os.getpid()} on {os.uname().nodename}"
