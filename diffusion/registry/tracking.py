@@ -58,7 +58,8 @@ class MlflowLogger:
         self.mlflow.log_image(image, name)
 
     def loss_curve(self) -> Image.Image | None:
-        """The loss curve as a PNG image (matplotlib, no display needed)."""
+        """The loss curve as a PNG image (matplotlib, no display needed): the training loss, and the
+        validation loss where the run logged one."""
         points = self.history.get("loss")
         if not points:
             return None
@@ -69,9 +70,13 @@ class MlflowLogger:
 
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         steps, values = zip(*points)
-        ax.plot(steps, values)
+        ax.plot(steps, values, label="training loss (per batch)")
+        if self.history.get("val_loss"):
+            val_steps, val_values = zip(*self.history["val_loss"])
+            ax.plot(val_steps, val_values, marker=".", label="val_loss (EMA, fixed val samples)")
+            ax.legend()
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("loss")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         fig.tight_layout()
