@@ -73,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="also write the adherence table (CSV) for dvc plots")
     p.add_argument("--shards", help="real validation images for FD-judge, fidelity and FID/KID (default: none)")
     p.add_argument("--report", help="also write the readable evaluation page (markdown) here")
-    add("sweep", "quality against cost: every sampler and step count, then guidance scales",
     p.add_argument("--embeddings", help="the embed stage's folder: with --shards, the retrieval metrics "
                                         "(where the judge stage trained the retrieval evaluator)")
+    add("sweep", "quality against cost: every sampler and step count, then guidance scales",
         "shards", "model", "judge", "out")
     add("register", "log the model to MLflow and register a new version", "model", "metrics", "out")
     _add_registry_commands(add)
@@ -310,6 +310,10 @@ def _run(args: argparse.Namespace) -> None:
     if getattr(args, "input", None):
         overrides.append(f"ingest.path={json.dumps(args.input)}")
     p = load_params(args.params, overrides)
+    if args.command == "train" and os.environ.get("RANK", "0") == "0":
+        from diffusion.evaluation.evaluate import check_promotion_metric
+
+        check_promotion_metric(p)  # a policy that could never decide is refused before training, not after
     for arg, what, maker in INPUTS.get(args.command, []):
         if getattr(args, arg) is not None:
             require(getattr(args, arg), what, maker)
@@ -330,10 +334,6 @@ class _Stop:
     children: list = []
 
     @classmethod
-    if args.command == "train" and os.environ.get("RANK", "0") == "0":
-        from diffusion.evaluation.evaluate import check_promotion_metric
-
-        check_promotion_metric(p)  # a policy that could never decide is refused before training, not after
     def install(cls) -> None:
         import atexit
         import signal
