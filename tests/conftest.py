@@ -25,7 +25,9 @@ TINY = {
     "judge": {"n_images": 600, "steps": 40, "batch_size": 64},
     "retrieval": {"steps": 40, "batch_size": 64, "width": 16, "dim": 64},
     "train": {"steps": 12, "batch_size": 16, "warmup_steps": 4, "checkpoint_every": 6, "log_every": 4,
-              "shuffle_buffer": 50, "unet": {"channels": 16, "channel_mult": [1, 2], "attn_levels": [1], "heads": 2}},
+              "shuffle_buffer": 50, "data_workers": 0,  # a worker process costs more than 12 tiny steps; the worker
+              # path has its own tests (test_distributed: ranks with workers, killed and resumed under torchrun; test_clean_stop)
+              "unet": {"channels": 16, "channel_mult": [1, 2], "attn_levels": [1], "heads": 2}},
     "sample": {"steps": 4, "per_combo": 1, "new_wording_per_combo": 1, "partial_per_combo": 0, "batch_size": 64,
                "grid_size": 6},
     "promote": {"floor": 0.0},  # a 12-step model draws few right pictures: let its first version be champion
