@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,3 +274,28 @@ def test_quality_bench_trains_both_in_turns_and_reports_time_to_goal(tiny_shards
     assert all(m["reached"] and m["steps_to_goal"] == m["steps"] == 1 for m in res["models"].values())
     o, d = res["models"]["ours-unet"], res["models"]["diffusers-unet"]
     assert res["speedup_kind"] == "exact" and res["speedup"] == pytest.approx(d["train_s_to_goal"] / o["train_s_to_goal"])
+
+
+def test_prompt_sheet_puts_each_prompts_real_image_beside_its_draws(tiny_params, tiny_model, tiny_shards, tmp_path):
+    """bench/prompt_sheet.py: one row per prompt, the real image whose caption is the prompt (or a
+    blank cell saying there is none), then one draw per seed."""
+    import pyarrow.parquet as pq
+    import yaml
+    from PIL import Image
+
+    from conftest import tiny_params_dict
+
+    caption = pq.read_table(tiny_shards / "index-val.parquet").column("caption")[0].as_py()
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict()))
+    out = tmp_path / "sheet.png"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/prompt_sheet.py"), "--model", str(tiny_model),
+                        "--shards", str(tiny_shards), "--params", str(params), "--prompts", caption, "no such caption",
+                        "--seeds", "2", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 prompts x (1 real + 2 seeds)" in r.stdout
+    sheet = np.asarray(Image.open(out).convert("L"))
+    cell = 96 + 8  # make_grid: 96-px cells, 8-px gaps, 3 columns, 2 rows
+    assert sheet.shape[1] == 3 * cell + 8
+    real, missing = sheet[8:8 + 96, 8:8 + 96], sheet[8 + 96 + 52 + 8:8 + 96 + 52 + 8 + 96, 8:8 + 96]
+    assert real.std() > 0 and (missing == 255).all()  # a real image, then a blank cell for the caption nobody has
