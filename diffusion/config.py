@@ -598,7 +598,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # 0.0.0.0 to answer other machines
     port: int = 5001  # /invocations, /ping, /health (as mlflow models serve)
     max_batch: int = 16  # images drawn in one sampler call; a request with more records is refused (413)
-    max_wait_ms: float = 10.0  # how long the oldest waiting request may wait for others to fill a batch
+    max_wait_ms: float = 60.0  # how long the oldest waiting request may wait for others to fill a batch
     # every sampler call at one shape (max_batch rows, text padded to a 16-token bucket), so an image is
     # the same bit for bit whatever it was batched with (CPU kernels may round by shape); false: only the
     # gathered rows (cheaper when requests come alone; identical where kernels do not round by shape)

@@ -107,7 +107,7 @@ class Batcher:
     """One worker thread drawing the queued requests of ``model`` (a loaded ``T2IModel``) in
     batches of at most ``max_batch`` images, waiting at most ``max_wait_ms`` to fill one."""
 
-    def __init__(self, model, max_batch: int = 16, max_wait_ms: float = 10.0, fixed_shape: bool = True,
+    def __init__(self, model, max_batch: int = 16, max_wait_ms: float = 60.0, fixed_shape: bool = True,
                  text_cache: int = 4096):
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000
         self.fixed_shape = fixed_shape
