@@ -159,16 +159,22 @@ def test_dvc_repro_whole_pipeline(tmp_path, prefect_server):
     # `dvc plots show`: the loss curve and the adherence bars, with their data
     run([dvc, "plots", "show", "-o", str(tmp_path / "plots")], project, env)
     html = (tmp_path / "plots/index.html").read_text()
-    assert "training loss" in html and "prompt adherence (seen / held-out / overall)" in html
+    assert "training loss (raw model, per batch) and val_loss" in html and "prompt adherence (the judge" in html
     assert f"{loss['loss'].iloc[-1]:.6g}" in html and "held_out.all" in html
     plots = json.loads(run([dvc, "plots", "show", "--json"], project, env).stdout)["data"]
     loss_plot = plots["loss"][0]["content"]
-    assert [float(r["loss"]) for r in loss_plot["data"]["values"]] == pytest.approx(list(loss["loss"]), abs=1e-5)
+    # one series per y column: the training loss and val_loss, each record naming its field
+    series = {f: [float(r["dvc_inferred_y_value"]) for r in loss_plot["data"]["values"] if r.get("field") == f]
+              for f in ("loss", "val_loss")}
+    assert series["loss"] == pytest.approx(list(loss["loss"]), abs=1e-5)
+    assert series["val_loss"] == pytest.approx(list(loss["val_loss"].dropna()), abs=1e-5) and series["val_loss"]
     bars = {r["metric"]: float(r["value"]) for r in plots["adherence"][0]["content"]["data"]["values"]}
     fd = {(r["filename"], r["steps"]): float(r["fd_judge"]) for r in plots["sweep_fd_judge"][0]["content"]["data"]["values"]}
     assert len(fd) == 5 * 2 + 1 and fd[("heun-karras.csv", "4")] == pytest.approx(
         points.query("sampler == 'heun' and steps == 4")["fd_judge"].item(), rel=1e-5)
     assert bars["held_out.all"] == pytest.approx(metrics["adherence"]["held_out"]["all"], abs=1e-5)
+    assert bars["r_precision.generated.all"] == pytest.approx(
+        metrics["retrieval"]["r_precision"]["generated"]["all"]["mean"], abs=1e-5)
 
     # push, a fresh clone, pull: everything is up to date and nothing reruns
     git_commit(project, env, "pipeline run", "dvc.lock", "analysis/dvc.lock", "data/.gitignore", "reports")

@@ -126,8 +126,23 @@ def newest_version(client, name: str) -> int:
     return max(versions)
 
 
+def with_metric(cfg: PromoteConfig, candidate) -> PromoteConfig:
+    """``cfg`` with ``metric: auto`` resolved for a version: the judge's held-out all-correct where
+    the version has it (the built-in set), else the retrieval evaluator's R-precision (any data),
+    as ``evaluation.evaluate.promotion_metric`` resolves it from the params."""
+    if cfg.metric != "auto":
+        return cfg
+    from dataclasses import replace
+
+    from diffusion.evaluation.evaluate import AUTO_METRIC
+
+    builtin = _metric(candidate, AUTO_METRIC[True]) is not None or _metric(candidate, AUTO_METRIC[False]) is None
+    return replace(cfg, metric=AUTO_METRIC[builtin])
+
+
 def decide(cfg: PromoteConfig, candidate, champion) -> tuple[str, str]:
     """(outcome, reason) of the policy for a candidate ModelVersion against the champion's (or None)."""
+    cfg = with_metric(cfg, candidate)
     sign = 1.0 if cfg.direction == "maximize" else -1.0
     cand = _metric(candidate, cfg.metric)
     if cand is None:
@@ -158,6 +173,7 @@ def promote(client, tracking_uri: str, name: str, cfg: PromoteConfig, candidate:
         cand = resolve_version(ModelRef(name, version=str(version)), client)
         before = _champion(client, name, cfg.alias)
         champ = client.get_model_version(name, str(before)) if before is not None else None
+        cfg = with_metric(cfg, cand)
         if before == int(cand.version):
             outcome, reason = "kept", f"v{before} already holds @{cfg.alias}"
         else:
