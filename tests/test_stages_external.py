@@ -31,6 +31,8 @@ def test_folder_source_runs_through_every_stage(tmp_path, monkeypatch, inception
     data["evaluate"].update(inception_weights=str(inception_weights), cache_dir=str(tmp_path / "eval-cache"))
     p = parse_params(data, "test")
     monkeypatch.chdir(tmp_path)
+    # this test's own store, whatever a session fixture left in MLFLOW_TRACKING_URI (which wins over params)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", data["mlflow"]["tracking_uri"])
     stats = stages.ingest(p, tmp_path / "shards")
     assert stats["accepted"] == 40 and stats["image_size"] == 16
     assert 0 < stats["splits"]["val"]["accepted"] < 20
