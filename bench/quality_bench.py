@@ -169,28 +169,17 @@ class RecipeDiffusersTrainer(DiffusersTrainer):
                                        prediction_type="v_prediction" if c.prediction == "v" else "epsilon")
 
     def loss(self, batch, forward):
-        import torch
         import torch.nn.functional as F
         from diffusers.training_utils import compute_snr
 
-        cond = self.text.training_cond(batch.rows, self.cfg, self.gen)  # the loop's own
-        x0 = batch.x0.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        ac = torch.autocast(self.device.type, enabled=False) if self.amp_dtype is None else \
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-        with ac:
-            g = self.gen if self.device.type == "cpu" else None
-            t = torch.randint(0, self.cfg.timesteps, (x0.shape[0],), device=x0.device, generator=g)
-            noise = torch.randn(x0.shape, device=x0.device, generator=g)
-            pred = forward(self.scheduler.add_noise(x0, noise, t), t, cond)
-            target = noise if self.cfg.prediction == "eps" else self.scheduler.get_velocity(x0, noise, t)
-            mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            if self.cfg.loss_weighting == "min_snr":
-                snr = compute_snr(self.scheduler, t)
-                w = snr.clamp(max=self.cfg.min_snr_gamma)
-                mse = mse * w / (snr if self.cfg.prediction == "eps" else snr + 1)
-            return mse.mean()
+        x0, noise, t, pred = self.predict(batch, forward)  # train_bench's draws and forward pass
+        target = noise if self.cfg.prediction == "eps" else self.scheduler.get_velocity(x0, noise, t)
+        mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.cfg.loss_weighting == "min_snr":
+            snr = compute_snr(self.scheduler, t)
+            w = snr.clamp(max=self.cfg.min_snr_gamma)
+            mse = mse * w / (snr if self.cfg.prediction == "eps" else snr + 1)
+        return mse.mean()
 
     def ema_denoiser(self):
         """The EMA network behind our denoiser contract: D(x, sigma) from its eps or v."""

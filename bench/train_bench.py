@@ -459,9 +459,10 @@ class DiffusersTrainer:
         self.forward = torch.compile(self.model) if compile_ else self.model
         self.compiled = compile_
 
-    def loss(self, batch, forward):
+    def predict(self, batch, forward):
+        """(x0, noise, t, prediction): the loop's conditioning and images, then diffusers'
+        train_text_to_image.py draws and forward pass under the loop's autocast."""
         import torch
-        import torch.nn.functional as F
 
         cond = self.text.training_cond(batch.rows, self.cfg, self.gen)  # the loop's own
         x0 = batch.x0.to(self.device, non_blocking=True)
@@ -469,12 +470,17 @@ class DiffusersTrainer:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         ac = torch.autocast(self.device.type, enabled=False) if self.amp_dtype is None else \
             torch.autocast(self.device.type, dtype=self.amp_dtype)
-        with ac:  # diffusers' train_text_to_image.py, epsilon prediction
+        with ac:
             g = self.gen if self.device.type == "cpu" else None
             t = torch.randint(0, self.cfg.timesteps, (x0.shape[0],), device=x0.device, generator=g)
             noise = torch.randn(x0.shape, device=x0.device, generator=g)
-            pred = forward(self.scheduler.add_noise(x0, noise, t), t, cond)
-            return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
+            return x0, noise, t, forward(self.scheduler.add_noise(x0, noise, t), t, cond)
+
+    def loss(self, batch, forward):
+        import torch.nn.functional as F
+
+        _, noise, _, pred = self.predict(batch, forward)  # epsilon prediction
+        return F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
 
     def eager_loss(self, batch):
         return self.loss(batch, self.model)
