@@ -10,7 +10,7 @@ loaders from here instead of reaching into the module of the stage that wrote th
 name is spelled once::
 
     shards/      train/shard-*.tar  val/shard-*.tar  index-{split}.parquet  stats.json     (ingest)
-    model/       model.safetensors  model.json  checkpoint.pt  run.json  *.png  loss.csv  (train)
+    model/       model.safetensors  [adapter.safetensors]  model.json  checkpoint.pt  run.json  *.png  loss.csv  (train)
     samples/     images/NNNNNN.png  manifest.parquet  grid.png                           (sample)
     judge/       judge.safetensors  judge.json                                            (judge)
     latents/     train/shard-*.tar  val/shard-*.tar  latents.json                     (latents)
@@ -131,11 +131,22 @@ def shard_stats(shards_dir: str | Path) -> dict:
 
 
 def square_image_size(shards_dir: str | Path) -> int:
-    """The image side the shards were written at; training needs square images."""
+    """The image side the shards were written at (with resize_mode bucket: the side of the pixel
+    budget, see ``shard_buckets``); training needs square images or aspect buckets."""
     stats = shard_stats(shards_dir)
     if stats.get("resize_mode") == "keep_ratio":
-        raise T2IError("training needs square images: ingest with ingest.resize_mode center_crop or pad")
+        raise T2IError("training needs square images or buckets: ingest with ingest.resize_mode center_crop, "
+                       "pad or bucket")
     return int(stats["image_size"])
+
+
+def shard_buckets(shards_dir: str | Path) -> list[tuple[int, int]] | None:
+    """The (width, height) buckets the train split holds samples of (resize_mode bucket), else None."""
+    stats = shard_stats(shards_dir)
+    if stats.get("resize_mode") != "bucket":
+        return None
+    counts = stats.get("bucket_counts", {}).get("train", {})
+    return [(int(w), int(h)) for w, h in stats["buckets"] if counts.get(f"{w}x{h}")]
 
 
 def val_identity(shards_dir: str | Path) -> dict:
@@ -155,6 +166,7 @@ def split_captions(shards_dir: str | Path, split: str) -> list[str]:
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
+LORA_WEIGHTS = "adapter.safetensors"  # a LoRA model's adapter (model.json "lora"); model.safetensors is its base
 CHECKPOINT = "checkpoint.pt"
 RUN_FILE = "run.json"  # the MLflow run the model was trained in
 TRAIN_GRID = "train_grid.png"
@@ -176,6 +188,16 @@ def require_model(model_dir: str | Path) -> Path:
         if not (d / f).is_file():
             raise MissingInputError(f"trained model not found: {d / f} (run the train stage first)")
     return d
+
+
+def model_weights_sha256(model_dir: str | Path) -> str:
+    """The identity of a model folder's weights: model.safetensors' sha256, or for a LoRA model
+    (base + adapter.safetensors) the sha256 of both files' hashes, so another adapter is other weights."""
+    d = Path(model_dir)
+    digest = sha256_file(d / MODEL_WEIGHTS)
+    if (d / LORA_WEIGHTS).is_file():
+        digest = hashlib.sha256(f"{digest}\0{sha256_file(d / LORA_WEIGHTS)}".encode()).hexdigest()
+    return digest
 
 
 def model_meta(model_dir: str | Path) -> dict:

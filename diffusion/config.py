@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import io
 import itertools
+import math
 import tokenize
 import types
 import typing
@@ -163,7 +164,13 @@ class IngestConfig:
     image_column: str = "image"  # table: image bytes ({bytes, path} struct or binary) or a path/URL string
     url_column: str = "url"  # urls: the URL column
     image_size: int = 256  # output side (external sources; the built-in set renders at dataset.image_size)
-    resize_mode: str = "center_crop"  # center_crop | pad | keep_ratio (largest side = image_size)
+    # center_crop | pad | keep_ratio (largest side = image_size) | bucket (each image keeps its aspect
+    # in the nearest of a set of width x height buckets of about image_size^2 pixels)
+    resize_mode: str = "center_crop"
+    # resize_mode bucket: null = computed from image_size, bucket_step and max_aspect_ratio; or a list
+    # of [width, height] (each a multiple of bucket_step)
+    buckets: Optional[list[list[int]]] = None
+    bucket_step: int = 64  # bucket sides are multiples of this: the denoiser's factor (times a VAE's)
     min_size: int = 64  # shorter side below this (before resizing): too_small
     max_aspect_ratio: float = 3.0  # longer/shorter side above this: aspect_ratio
     max_pixels: int = 89_478_485  # width*height above this: too_large (Pillow's bomb limit)
@@ -184,7 +191,9 @@ class IngestConfig:
     openmoji: OpenmojiConfig = field(default_factory=OpenmojiConfig)  # the openmoji source
 
     def check(self, key: str) -> None:
-        _at_least_one(self, key, "samples_per_shard")
+        _at_least_one(self, key, "samples_per_shard", "bucket_step")
+        if self.resize_mode == "bucket":
+            bucket_set(self)  # one line naming the key where the set is empty or off the step
 
 
 @dataclass(frozen=True)
@@ -330,12 +339,70 @@ class DiTConfig:
                               "must be >= 1")
 
 
+# train.denoiser diffusers with neither config nor pretrained: a small SD-shaped UNet2DConditionModel
+# for 16-32 px (widths 32/64/64, cross-attention at the two lower levels, 4 heads; ~1.9M parameters at
+# a text width of 256). in_channels, out_channels and cross_attention_dim come from the data.
+DIFFUSERS_SMALL_UNET = {
+    "block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_head_dim": 4, "norm_num_groups": 16,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "sample_size": 32,
+}
+
+
+@dataclass(frozen=True)
+class DiffusersConfig:
+    """train.denoiser diffusers (diffusion.models.diffusers_unet): a diffusers UNet2DConditionModel behind
+    the same denoiser contract, from a config, or from pretrained weights (offline: local files or the
+    Hugging Face cache only). Neither: DIFFUSERS_SMALL_UNET, a small UNet for 16-32 px."""
+
+    # null | a mapping of UNet2DConditionModel keyword arguments | a folder (or cached hub id) with its
+    # config.json; null with pretrained: the pretrained model's own config
+    config: Any = None
+    # null: fresh weights | a diffusers folder | a single .safetensors file (needs config) | a cached hub id
+    pretrained: Optional[str] = None
+    subfolder: Optional[str] = None  # the UNet's folder inside config/pretrained (unet for a whole pipeline)
+
+    def check(self, key: str) -> None:
+        if self.config is not None and not isinstance(self.config, (dict, str)):
+            raise ConfigError(f"{key}.config must be null, a mapping of UNet2DConditionModel arguments or a "
+                              f"folder/hub id, got {self.config!r}")
+        if self.pretrained and self.pretrained.endswith(".safetensors") and self.config is None:
+            raise ConfigError(f"{key}.pretrained {self.pretrained} is a single file: set {key}.config to its "
+                              "UNet2DConditionModel config (a mapping or a folder with config.json)")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA fine-tuning (diffusion.models.lora): low-rank adapters on the denoiser's attention
+    projections; only they train and are checkpointed, the base (train.init_from or the seed) is frozen."""
+
+    rank: int = 0  # the adapters' rank; 0: off (every weight trains)
+    alpha: Optional[float] = None  # the update is scaled by alpha / rank; null: alpha = rank
+    dropout: float = 0.0  # dropout on the adapters' input
+    # modules to adapt, by name or name suffix (peft's target_modules); []: the attention projections
+    # of train.denoiser (diffusion.models.lora.DEFAULT_TARGETS)
+    target_modules: list[str] = field(default_factory=list)
+
+    def check(self, key: str) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"{key}.rank must be >= 0 (0: off), got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"{key}.alpha must be > 0 (or null: alpha = rank), got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{key}.dropout must be in [0, 1), got {self.dropout}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Training the denoiser (diffusion.training.train): the optimizer, the objective, checkpoints,
     the GPU path and torchrun; train.unet and train.dit are the networks."""
 
     seed: int = 0  # initialisation, data order and noise draws (each process offsets its own)
+    # warm start (diffusion.training.warm_start): begin from another model's EMA weights, a registered
+    # version (models:/<name>@champion, models:/<name>/<version>), a train-stage model folder, or a
+    # diffusers UNet (folder or .safetensors; train.denoiser diffusers). The step, optimizer and
+    # schedule start fresh; a run's own checkpoint.pt still resumes it. null: from scratch
+    init_from: Optional[str] = None
     device: str = "auto"  # auto: CUDA when present, else the CPU
     steps: int = 2000  # optimizer steps
     batch_size: int = 64  # the global batch: split over torchrun processes and gradient-accumulation steps
@@ -358,12 +425,23 @@ class TrainConfig:
     # objective: the seed's DDPM (linear betas, epsilon prediction, MSE) ...
 
     timesteps: int = 1000  # T: the noise levels of the DDPM schedule
-    beta_min: float = 1.0e-4  # the linear betas' first ...
+    beta_min: float = 1.0e-4  # the betas' first ...
     beta_max: float = 0.02  # ... and last
+    # linear: the seed's betas, linear from beta_min to beta_max; scaled_linear: Stable Diffusion's,
+    # sqrt(beta) linear between the square roots, squared (SD: beta_min 0.00085, beta_max 0.012)
+    beta_schedule: str = "linear"
+    # rescale the betas to zero terminal SNR (Lin et al. 2024): the last level is pure noise, as at
+    # the start of sampling, so very dark or bright images can be drawn; pair with prediction v and
+    # sample.spacing trailing (the top level is a finite stand-in: schedules.ZERO_SNR_ALPHABAR)
+    zero_terminal_snr: bool = False
     prediction: str = "eps"  # eps | v: the network predicts the noise, or v (Salimans & Ho 2022)
     # "none" is the seed's plain MSE; "min_snr" weights timesteps by min-SNR-gamma (Hang et al. 2023)
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0  # min_snr: w = min(SNR, gamma) / SNR (/ (SNR + 1) for v)
+    # offset noise (Guttenberg 2023): training noise gets offset_noise x one extra normal draw per
+    # image and channel, shared by all its pixels, so the model learns to move an image's mean
+    # (darker, brighter images); 0: off (0.05-0.1 is usual); not in the held-out val_loss
+    offset_noise: float = 0.0
     # latent models: "posterior" draws z = mean + std * noise from the stored distribution at each
     # step (diffusers' training scripts); "mean" uses the mean
     latent_sampling: str = "posterior"
@@ -387,16 +465,23 @@ class TrainConfig:
     tf32: bool = True  # CUDA: TF32 matmuls and convolutions
     channels_last: bool = True  # CUDA: NHWC memory format for the UNet's convolutions
     compile: bool = False  # torch.compile the network (minutes of compile; pays off on long GPU runs)
+    # recompute each network block's activations in the backward pass instead of keeping them: less
+    # memory for about one more forward a step, the same gradients (bench/memory_bench.py measures both)
+    grad_checkpointing: bool = False
     nproc_per_node: int = 1  # torchrun: processes (GPUs) per node
     nnodes: int = 1  # torchrun: nodes; several meet at rdzv_endpoint (c10d rendezvous)
     rdzv_endpoint: str = "127.0.0.1:29400"  # host:port of the rendezvous, the same on every node
     rdzv_id: str = "t2i-train"  # the run's id at the rendezvous: nodes with the same id train together
-    denoiser: str = "unet"  # unet | dit (diffusion.models.dit): the network behind the same denoiser contract
+    # unet | dit (diffusion.models.dit) | diffusers (a diffusers UNet2DConditionModel, train.diffusers): the
+    # network behind the same denoiser contract
+    denoiser: str = "unet"
     # custom: train.unet / train.dit as written; tiny (a 3.6M UNet, 48 wide) | small (~30M) | base
     # (~110M): SIZE_PRESETS replaces both (any resolution that is a multiple of 16)
     size: str = "custom"
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
+    diffusers: DiffusersConfig = field(default_factory=DiffusersConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         if self.lr is None:  # every TrainConfig holds a number: the size's rate
@@ -413,6 +498,12 @@ class TrainConfig:
                 raise ConfigError(f"{key}.{name} must be >= 0 (0: off), got {getattr(self, name)}")
         if not 0 < self.beta_min < self.beta_max < 1:
             raise ConfigError(f"{key}.beta_min/beta_max must satisfy 0 < beta_min < beta_max < 1")
+        if self.zero_terminal_snr and self.timesteps < 2:
+            raise ConfigError(f"{key}.zero_terminal_snr needs {key}.timesteps >= 2 (the rescale keeps the first "
+                              f"level and zeroes the last), got {self.timesteps}")
+        if not 0 <= self.offset_noise <= 1:
+            raise ConfigError(f"{key}.offset_noise must be in [0, 1] (0: off; 0.05-0.1 is usual), "
+                              f"got {self.offset_noise}")
         if not self.lr > 0:
             raise ConfigError(f"{key}.lr must be > 0 (or null: the rate of {key}.size), got {self.lr}")
         if not 0 <= self.ema_decay < 1:
@@ -427,6 +518,9 @@ class TrainConfig:
                               f"grad_accum = {per_step}")
         if self.data_workers < 0:
             raise ConfigError(f"{key}.data_workers must be >= 0, got {self.data_workers}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ConfigError(f"{key}.init_from must be a models:/ URI or a path (null: from scratch), "
+                              f"got {self.init_from!r}")
 
 
 @dataclass(frozen=True)
@@ -552,6 +646,9 @@ class RegisterConfig:
     """The MLflow registered model (t2i register adds each trained model as a new version)."""
 
     model_name: str = "t2i-shapes"  # the registered model's name
+    # a LoRA model (train.lora.rank > 0): register the merged weights (a plain model) instead of the
+    # base + adapter (smaller to ship, no adapter to apply at load; the same images)
+    merge_lora: bool = False
 
 
 @dataclass(frozen=True)
@@ -643,7 +740,7 @@ class Params:
 CHOICES: dict[str, tuple[str, ...]] = {
     "ingest.source": ("builtin", "folder", "table", "webdataset", "urls", "openmoji"),
     "ingest.image_format": ("png", "jpg", "webp"),
-    "ingest.resize_mode": ("center_crop", "pad", "keep_ratio"),
+    "ingest.resize_mode": ("center_crop", "pad", "keep_ratio", "bucket"),
     "ingest.caption_errors": ("replace", "reject"),
     "ingest.task_runner": ("threads", "processes", "dask"),
     "batch.task_runner": ("local", "dask"),
@@ -651,13 +748,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "latents.device": ("auto", "cpu", "cuda"),
     "train.latent_sampling": ("posterior", "mean"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "train.denoiser": ("unet", "dit"),
+    "train.denoiser": ("unet", "dit", "diffusers"),
     "train.unet.upsample": ("nearest_conv", "conv_nearest"),
     "train.size": ("custom", "tiny", "small", "base"),
     "embed.layer": ("auto", "last", "penultimate", "token_embedding"),
     "train.lr_schedule": ("cosine", "constant"),
     "train.prediction": ("eps", "v"),
     "train.loss_weighting": ("none", "min_snr"),
+    "train.beta_schedule": ("linear", "scaled_linear"),
     "train.device": ("auto", "cpu", "cuda"),
     "embed.device": ("auto", "cpu", "cuda"),
     "judge.device": ("auto", "cpu", "cuda"),
@@ -702,6 +800,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     bad = ConfigError(f"{key} must be {_type_name(tp)}, got {value!r}")
+    if tp is Any:  # a free-form value (train.diffusers.config), checked by its section
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -832,9 +932,73 @@ def _check_across(p: Params) -> None:
         check_fits(t, size, size_key)
 
 
+# --------------------------------------------------------------------------------------------
+# Aspect-ratio buckets: the set is a pure function of ingest's settings (diffusion.data.buckets uses it)
+
+
+def compute_buckets(side: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """The buckets of a ``side`` x ``side`` pixel budget: for every width that is a multiple of
+    ``step``, the tallest height (a multiple of ``step``) that keeps the area within the budget,
+    where neither side is more than ``max_aspect`` times the other; each with its transpose (so tall
+    and wide images are served alike), the largest of equal aspect ratios, sorted from tall to wide.
+    The square ``side`` x ``side`` is one of them whenever ``side`` is a multiple of ``step``."""
+    return list(_computed(side, step, float(max_aspect)))
+
+
+@functools.cache
+def _computed(side: int, step: int, max_aspect: float) -> tuple[tuple[int, int], ...]:
+    budget = side * side
+    found: set[tuple[int, int]] = set()
+    w = step
+    while w * step <= budget:
+        h = budget // w // step * step
+        if h >= step and max(w, h) <= max_aspect * min(w, h) + 1e-9:
+            found |= {(w, h), (h, w)}
+        w += step
+    best: dict[tuple[int, int], tuple[int, int]] = {}  # reduced aspect ratio -> its largest bucket
+    for b in found:
+        g = math.gcd(*b)
+        ratio = (b[0] // g, b[1] // g)
+        if ratio not in best or b[0] * b[1] > best[ratio][0] * best[ratio][1]:
+            best[ratio] = b
+    return tuple(sorted(best.values(), key=lambda b: (b[0] / b[1], b[0])))
+
+
+def bucket_set(cfg) -> list[tuple[int, int]]:
+    """``cfg``'s (an IngestConfig) buckets: ``ingest.buckets`` as given, or computed from
+    ``image_size``, ``bucket_step`` and ``max_aspect_ratio``. Raises a one-line ConfigError for an
+    empty set or a bucket whose sides are not multiples of ``ingest.bucket_step``."""
+    step = cfg.bucket_step
+    if cfg.buckets is None:
+        got = compute_buckets(cfg.image_size, step, cfg.max_aspect_ratio)
+        if not got:
+            raise ConfigError(f"ingest.bucket_step {step} leaves no bucket within ingest.image_size "
+                              f"{cfg.image_size} and ingest.max_aspect_ratio {cfg.max_aspect_ratio}: lower the step")
+        return got
+    out: list[tuple[int, int]] = []
+    for i, b in enumerate(cfg.buckets):
+        if len(b) != 2 or min(b) < 1:
+            raise ConfigError(f"ingest.buckets[{i}] must be [width, height] of positive integers, got {b}")
+        if b[0] % step or b[1] % step:
+            raise ConfigError(f"ingest.buckets[{i}] {b[0]}x{b[1]} is not a multiple of ingest.bucket_step {step}")
+        out.append((int(b[0]), int(b[1])))
+    if not out:
+        raise ConfigError("ingest.buckets is empty: give [width, height] pairs, or null to compute them")
+    return sorted(set(out), key=lambda b: (b[0] / b[1], b[0]))
+
+
 def check_fits(t: "TrainConfig", size: int, size_key: str) -> None:
     """The denoiser must tile a ``size`` side: the UNet folds ``patch`` and halves the side at each
-    level; the DiT cuts ``patch`` x ``patch`` tokens."""
+    level; the DiT cuts ``patch`` x ``patch`` tokens; a diffusers UNet halves it at each of its
+    block_out_channels but the last (a config given as a folder or hub id is not read here)."""
+    if t.denoiser == "diffusers":
+        spec = DIFFUSERS_SMALL_UNET if t.diffusers.config is None and not t.diffusers.pretrained else t.diffusers.config
+        if isinstance(spec, dict):
+            levels = 2 ** (len(spec.get("block_out_channels", [320, 640, 1280, 1280])) - 1)
+            if size % levels:
+                raise ConfigError(f"{size_key} {size} must be divisible by 2^(len(block_out_channels)-1) = {levels} "
+                                  "(train.diffusers.config)")
+        return
     if t.denoiser == "dit":
         if size % t.dit.patch:
             raise ConfigError(f"{size_key} {size} must be divisible by train.dit.patch {t.dit.patch}")
@@ -843,6 +1007,19 @@ def check_fits(t: "TrainConfig", size: int, size_key: str) -> None:
     levels = 2 ** (len(u.channel_mult) - 1)
     if size % u.patch or (size // u.patch) % levels:
         raise ConfigError(f"{size_key}/patch ({size}/{u.patch}) must be divisible by 2^(len(channel_mult)-1) = {levels}")
+
+
+def check_denoiser_fits(train_cfg, buckets, factor: int = 1) -> None:
+    """Every bucket (divided by ``factor``: a latent model's VAE factor) must tile the denoiser; the
+    one line names the bucket and ingest.bucket_step."""
+    for b in buckets:
+        for side in (b[0] // factor, b[1] // factor):
+            try:
+                check_fits(train_cfg, side, "side")
+            except ConfigError as e:
+                raise ConfigError(f"train.{train_cfg.denoiser} does not fit bucket {b[0]}x{b[1]}"
+                                  f"{f' (latents /{factor})' if factor > 1 else ''}: {e}; "
+                                  "choose ingest.bucket_step (or ingest.buckets) to match") from None
 
 
 def to_dict(obj: Any) -> dict:

@@ -87,19 +87,22 @@ def batch_generation_flow(prompts: str, model_uri: str | None = None, output_dir
                           run_name: str | None = None, date: str | None = None, params_file: str = "params.yaml",
                           guidance_scale: float | None = None, steps: int | None = None,
                           sampler: str | None = None, params_overrides: list[str] | None = None,
-                          task_runner: str | None = None, workers: int | None = None) -> dict:
+                          task_runner: str | None = None, workers: int | None = None,
+                          width: int | None = None, height: int | None = None) -> dict:
     """Generate one image per prompt into ``<output_dir>/<date>/<run_name>/``.
 
     ``model_uri`` and ``output_dir`` default to params ``batch``; ``run_name`` to this flow run's
     name (so a retry resumes); ``date`` to today (UTC). ``guidance_scale``/``steps``/``sampler``
     override the model's registered settings for rows that do not set their own;
     ``params_overrides`` are ``section.key=value`` strings, as ``t2i -s`` takes them;
-    ``task_runner`` (local | dask) and ``workers`` override ``batch.task_runner`` and ``batch.workers``.
+    ``task_runner`` (local | dask) and ``workers`` override ``batch.task_runner`` and ``batch.workers``;
+    ``width`` and ``height``: the size of rows that give none, one of the model's aspect buckets.
     """
     extra = [f"batch.{k}={v}" for k, v in (("task_runner", task_runner), ("workers", workers)) if v is not None]
     p = load_params(params_file, [*(params_overrides or []), *extra])
     name = run_name or flow_run.get_name() or "batch"
-    overrides = {"guidance_scale": guidance_scale, "steps": steps, "sampler": sampler}
+    overrides = {"guidance_scale": guidance_scale, "steps": steps, "sampler": sampler, "width": width,
+                 "height": height}
     model_uri, output_dir = model_uri or p.batch.model_uri, output_dir or p.batch.output_dir
     if p.batch.task_runner == "dask":
         return _on_workers(prompts, model_uri, output_dir, name, date, p, overrides)

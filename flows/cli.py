@@ -10,6 +10,7 @@
                  --report FILE --plots FILE]
     t2i sweep    --shards DIR --model DIR --judge DIR --out DIR   quality against cost (samplers, steps, guidance)
     t2i register --model DIR --metrics FILE --out FILE
+    t2i export-diffusers --model DIR --out DIR  a train.denoiser diffusers model as a diffusers UNet folder
     t2i promote  [--registered FILE --out FILE | --version N] [--model-name NAME]
     t2i pipeline [--stage S ...] [--force]     the whole pipeline (train-flow) via dvc repro
     t2i summary                                 where the outputs are, how to open the UIs
@@ -78,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     add("sweep", "quality against cost: every sampler and step count, then guidance scales",
         "shards", "model", "judge", "out")
     add("register", "log the model to MLflow and register a new version", "model", "metrics", "out")
+    add("export-diffusers", "write a train.denoiser diffusers model (its EMA weights) as a diffusers UNet "
+        "folder (UNet2DConditionModel.from_pretrained)", "model", "out")
     _add_registry_commands(add)
     p = sub.add_parser("pipeline", parents=[common], help="run the whole pipeline (train-flow, dvc repro)")
     p.add_argument("--stage", action="append", dest="stages", choices=STAGES + OPTIONAL_STAGES,
@@ -114,6 +117,9 @@ def _add_registry_commands(add: Callable) -> None:
     p.add_argument("--guidance-scale", type=float, help="override the model's guidance scale")
     p.add_argument("--steps", type=int, help="override the model's sampling steps")
     p.add_argument("--sampler", choices=CHOICES["sample.sampler"], help="override the model's sampler")
+    p.add_argument("--width", type=int, help="image width, with --height: one of the model's aspect buckets "
+                                             "(model.json buckets; default: its square image_size)")
+    p.add_argument("--height", type=int, help="image height (see --width)")
     p = add("serve", "serve a registered model over HTTP (mlflow models serve's API), batching concurrent requests")
     p.add_argument("--model", help="models:/<name>@<alias> or models:/<name>/<version> (default: serve.model_uri)")
     p.add_argument("--host", help="default: serve.host")
@@ -133,6 +139,7 @@ INPUTS = {
     "register": [("model", "trained model", "train"), ("metrics", "metrics", "evaluate")],
     "sweep": [("shards", "shards", "ingest"), ("model", "trained model", "train"), ("judge", "judge", "judge")],
     "promote": [("registered", "registered model record", "register")],
+    "export-diffusers": [("model", "trained model", "train")],
 }
 NEEDS_TEXT_MODEL = ("embed", "sample", "register", "sweep")
 
@@ -177,6 +184,12 @@ def _train(p, a):
     train_stage_flow(p, a.shards, a.embeddings, a.out, a.latents)
 
 
+def _export_diffusers(p, a):
+    from diffusion.models.diffusers_unet import export_diffusers
+
+    print(f"wrote {export_diffusers(a.model, a.out)} (UNet2DConditionModel.from_pretrained, DDPMScheduler)")
+
+
 def _evaluate(p, a):
     from diffusion.artifacts import write_adherence_plot
     from flows.stages import evaluate_flow
@@ -208,7 +221,7 @@ def _lineage(p, a):
     import mlflow
 
     from diffusion.registry import tracking
-    from diffusion.registry.pyfunc import parse_model_uri, resolve_version
+    from diffusion.registry.versions import parse_model_uri, resolve_version
 
     tracking.setup(p.mlflow)
     mv = resolve_version(parse_model_uri(a.model or p.batch.model_uri, p.promote.alias))
@@ -237,7 +250,7 @@ def _generate(p, a):
 
     summary = batch_generation_flow(a.prompts, a.model or p.batch.model_uri, a.output_dir or p.batch.output_dir,
                                     a.run_name, a.date, a.params, a.guidance_scale, a.steps, a.sampler,
-                                    a.overrides)
+                                    a.overrides, width=a.width, height=a.height)
     print(json.dumps(summary, indent=2))
 
 
@@ -285,6 +298,7 @@ COMMANDS: dict[str, Callable] = {
     "serve": _serve,
     "pipeline": _pipeline,
     "summary": _summary,
+    "export-diffusers": _export_diffusers,
 }
 
 

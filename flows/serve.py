@@ -23,7 +23,7 @@ def load_batcher(cfg: ServeConfig, mlflow_cfg: MlflowConfig) -> Batcher:
     import mlflow
 
     from diffusion.registry import tracking
-    from diffusion.registry.pyfunc import parse_model_uri, resolve_version
+    from diffusion.registry.versions import parse_model_uri, resolve_version
 
     mlflow.set_tracking_uri(tracking.tracking_uri(mlflow_cfg))
     version = resolve_version(parse_model_uri(cfg.model_uri))  # one-line errors for a wrong name or alias

@@ -53,7 +53,8 @@ def test_the_docs_page_is_the_generated_text():
 
 
 def test_a_section_and_the_sections_inside_it():
-    assert [s.key for s in params_reference("train")] == ["train", "train.unet", "train.dit"]
+    assert [s.key for s in params_reference("train")] == ["train", "train.unet", "train.dit", "train.diffusers",
+                                                          "train.lora"]
     assert [s.key for s in params_reference("train.unet")] == ["train.unet"]
     with pytest.raises(ConfigError, match="unknown section tran .sections: dataset, ingest"):
         params_reference("tran")

@@ -292,6 +292,15 @@ def encode_shards(cfg: LatentsConfig, shards_dir: str | Path, out_dir: str | Pat
     art.shard_urls(shards_dir, "train")  # at least one training shard
     sources = {split: [Path(u) for u in art.list_shards(Path(shards_dir) / split)] for split in art.SPLITS}
     vae, device, dtype, fp = _encoder(cfg, image_size)
+    stats_of_shards = art.shard_stats(shards_dir)
+    if stats_of_shards.get("resize_mode") == "bucket":  # each image is encoded at its own bucket's size
+        from diffusion.data.buckets import check_divisible
+
+        sizes = {tuple(b) for b in stats_of_shards["buckets"]}
+        check_divisible(sizes, downsampling(vae), "the VAE's downsampling factor",
+                        "set ingest.bucket_step (or ingest.buckets) to a multiple of it and re-ingest")
+    else:
+        sizes = {(image_size, image_size)}
     fp_id = _fp_id(fp)
     records, wanted, todo = _plan(out, fp_id, sources)
     counts = _index_counts(shards_dir)
@@ -301,7 +310,7 @@ def encode_shards(cfg: LatentsConfig, shards_dir: str | Path, out_dir: str | Pat
     bar = tqdm(total=sum(counts.get(n, 0) for n, _, _ in todo) or None, desc="latents", unit="img",
                disable=not progress, mininterval=2.0)
     for name, path, ident in todo:
-        samples, stats = _encode_shard(vae, name, path, cfg.batch_size, image_size, device, dtype, fp, bar)
+        samples, stats = _encode_shard(vae, name, path, cfg.batch_size, sizes, device, dtype, fp, bar)
         _write_tar(out / name, samples)
         encoded += len(samples)
         records[name] = {**ident, "samples": len(samples), **stats.as_dict()}
@@ -379,27 +388,35 @@ def _save_info(out: Path, cfg: LatentsConfig, fp: dict, fp_id: str, records: dic
     return info
 
 
-def _encode_shard(vae, name: str, path: Path, batch_size: int, image_size: int, device: torch.device,
+def _encode_shard(vae, name: str, path: Path, batch_size: int, sizes: set[tuple[int, int]], device: torch.device,
                   dtype: torch.dtype, fp: dict, bar) -> tuple[list[dict[str, bytes]], "_Stats"]:
-    """One image shard through the VAE, ``batch_size`` images at a time: its latent samples, ready
-    for the tar, and their statistics. An image of another size is refused before the VAE sees it."""
+    """One image shard through the VAE, ``batch_size`` images of one size at a time: its latent
+    samples in the shard's order, ready for the tar, and their statistics. ``sizes``: the (width,
+    height) the shards hold (the square image size, or the aspect buckets); an image of another
+    size is refused before the VAE sees it."""
     from diffusion.data.shards import decode_sample, raw_samples
 
-    samples, stats = [], _Stats(fp["latent_channels"])
-    batch: list[dict] = []
+    stats = _Stats(fp["latent_channels"])
+    order: list[str] = []
+    done: dict[str, dict[str, bytes]] = {}
+    batches: dict[tuple[int, int], list[dict]] = {}  # per image size (one bucket each)
     for raw in raw_samples([str(path)]):
         s = decode_sample(raw)
         h, w = s["image"].shape[:2]
-        if (h, w) != (image_size, image_size):  # before the VAE sees it
-            raise T2IError(f"{name}: sample {s['key']} is {w}x{h}, but the shards' image size (and the latents "
-                           f"fingerprint) is {image_size}x{image_size}: re-run ingest")
+        if (w, h) not in sizes:  # before the VAE sees it
+            want = ", ".join(f"{a}x{b}" for a, b in sorted(sizes))
+            raise T2IError(f"{name}: sample {s['key']} is {w}x{h}, but the shards' image sizes (and the latents "
+                           f"fingerprint) are {want}: re-run ingest")
+        order.append(s["key"])
+        batch = batches.setdefault((w, h), [])
         batch.append(s)
         if len(batch) == batch_size:
-            samples += _encode_batch(vae, batch, device, dtype, fp, stats, bar)
-            batch = []
-    if batch:
-        samples += _encode_batch(vae, batch, device, dtype, fp, stats, bar)
-    return samples, stats
+            done.update((o["__key__"], o) for o in _encode_batch(vae, batch, device, dtype, fp, stats, bar))
+            batch.clear()
+    for batch in batches.values():
+        if batch:
+            done.update((o["__key__"], o) for o in _encode_batch(vae, batch, device, dtype, fp, stats, bar))
+    return [done[k] for k in order], stats
 
 
 def _encode_batch(vae, batch: list[dict], device: torch.device, dtype: torch.dtype, fp: dict,

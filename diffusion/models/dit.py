@@ -19,6 +19,10 @@ The adaLN modulation outputs and the final linear start at zero, so the network 
 zero at initialisation, as DiT does; every other linear is xavier-uniform, the timestep MLP
 normal(0, 0.02), as in DiT's ``initialize_weights``. Attention runs through
 ``F.scaled_dot_product_attention``; nothing assumes float32, so it runs under bf16 autocast.
+
+``set_grad_checkpointing(True)`` (``train.grad_checkpointing``) keeps only each block's inputs
+while gradients are being recorded and recomputes the block in the backward pass: the same
+outputs and gradients for about one more forward; under ``torch.no_grad`` nothing changes.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from diffusion.config import DiTConfig
 from diffusion.models.unet import Cond, timestep_embedding
@@ -147,7 +152,12 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(w, text_dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.final = FinalLayer(w, p * p * in_channels)
         self._pos_cache: dict[tuple, Tensor] = {}  # (gh, gw, device, dtype) -> (gh * gw, width)
+        self.grad_checkpointing = False
         self._init_weights()
+
+    def set_grad_checkpointing(self, enabled: bool) -> None:
+        """Recompute each block's activations in the backward pass instead of keeping them."""
+        self.grad_checkpointing = bool(enabled)
 
     def _init_weights(self) -> None:
         """DiT's initialisation: xavier-uniform linears, zero biases, adaLN-Zero."""
@@ -183,7 +193,11 @@ class DiT(nn.Module):
         has_tokens = cond.mask.any(dim=1)  # (B,)
         attend = (cond.mask | ~has_tokens[:, None])[:, None, None, :]  # an empty row attends to all, then is zeroed
         has_tokens = has_tokens[:, None, None]
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            tok = block(tok, c, ctx, attend, has_tokens)
+            if recompute:
+                tok = checkpoint(block, tok, c, ctx, attend, has_tokens, use_reentrant=False)
+            else:
+                tok = block(tok, c, ctx, attend, has_tokens)
         out = self.final(tok, c)  # (B, gh * gw, C * p * p), channels ordered (C, p, p)
         return F.pixel_shuffle(out.transpose(1, 2).reshape(b, -1, gh, gw), p)

@@ -11,12 +11,18 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.models.unet import Cond
-from diffusion.models.schedules import ddpm_sigmas, linear_betas, sigma_to_t
+from diffusion.models.schedules import ddpm_table, sigma_to_t
 
 
 class Denoiser(nn.Module):
     def __init__(self, net: nn.Module, timesteps: int = 1000, beta_min: float = 1e-4, beta_max: float = 0.02,
-                 prediction: str = "eps"):
+                 prediction: str = "eps", beta_schedule: str = "linear", zero_terminal_snr: bool = False):
+        """``timesteps``, ``beta_min``, ``beta_max``, ``beta_schedule`` and ``zero_terminal_snr`` name the
+        training table (``schedules.ddpm_table``); with zero terminal SNR its top level is a finite
+        stand-in for sigma = infinity (4096 or more: ``schedules.ZERO_SNR_ALPHABAR``), where v prediction
+        is the sensible pairing: there c_skip ~ 0 and c_out ~ -1, so x0_hat ~ -v, while an eps network's
+        x0_hat = x - sigma * eps is the difference of two numbers thousands of times the image's size
+        (at SNR 0 the noise carries no trace of x0)."""
         super().__init__()
         if prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be eps or v, got {prediction!r}")
@@ -25,7 +31,8 @@ class Denoiser(nn.Module):
         # a latent model's decoder (diffusion.data.latents.LatentCodec), set by artifacts.load_model;
         # None: the network works in pixel space
         self.codec = None
-        self.register_buffer("sigmas", ddpm_sigmas(linear_betas(timesteps, beta_min, beta_max)), persistent=False)
+        self.register_buffer("sigmas", ddpm_table(timesteps, beta_min, beta_max, beta_schedule, zero_terminal_snr),
+                             persistent=False)
 
     @property
     def sigma_min(self) -> float:

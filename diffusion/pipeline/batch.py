@@ -42,7 +42,7 @@ from diffusion.registry import bundle
 from diffusion.errors import MissingInputError, T2IError
 
 PROMPT_FORMATS = (".txt", ".csv", ".jsonl", ".parquet")
-OPTIONAL_COLUMNS = ("seed", "negative_prompt", "guidance_scale", "steps")
+OPTIONAL_COLUMNS = ("seed", "negative_prompt", "guidance_scale", "steps", "width", "height")
 BATCH_FILE = "batch.json"
 PARTS = "parts"
 CONTACT_SHEET = "contact_sheet.png"
@@ -62,7 +62,7 @@ MANIFEST_SCHEMA = pa.schema([
 
 @dataclass
 class Prompts:
-    rows: list[dict]  # prompt, and any of seed, negative_prompt, guidance_scale, steps (None: default)
+    rows: list[dict]  # prompt, and any of seed, negative_prompt, guidance_scale, steps, width, height (None: default)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (blank lines, empty prompts)
     sha256: str = ""  # of the file's bytes
 
@@ -78,7 +78,8 @@ def _cell(value, kind, column: str, where: str):
 
 def read_prompts(path: str | Path) -> Prompts:
     """Prompts from a text file (one a line), CSV, JSONL or parquet (a ``prompt`` column, optional
-    ``seed``, ``negative_prompt``, ``guidance_scale``, ``steps``).
+    ``seed``, ``negative_prompt``, ``guidance_scale``, ``steps``, ``width`` and ``height``: a size
+    the model was trained on, one of its aspect buckets).
 
     Blank lines and empty prompts are skipped and counted. Non-UTF-8 bytes reject the file (with
     the line), since a mangled prompt would silently draw the wrong picture.
@@ -106,6 +107,9 @@ def read_prompts(path: str | Path) -> Prompts:
                      "negative_prompt": _cell(rec.get("negative_prompt"), str, "negative_prompt", where),
                      "guidance_scale": _cell(rec.get("guidance_scale"), float, "guidance_scale", where),
                      "steps": _cell(rec.get("steps"), int, "steps", where)})
+        for side in ("width", "height"):  # only where given: an aspect bucket of the model
+            if (v := _cell(rec.get(side), int, side, where)) is not None:
+                rows[-1][side] = v
     if not rows:
         raise T2IError(f"{path}: no prompts (empty file{', ' + str(skipped) if skipped else ''})")
     return Prompts(rows, skipped, hashlib.sha256(data).hexdigest())
@@ -186,7 +190,7 @@ def registry_version(model: str):
             return None
         if "/" in model and "@" not in model:
             raise MissingInputError(f"model folder not found: {model}")
-    from diffusion.registry.pyfunc import parse_model_uri, resolve_version
+    from diffusion.registry.versions import parse_model_uri, resolve_version
 
     return resolve_version(parse_model_uri(model))
 
@@ -218,13 +222,13 @@ def load_generator(model: str, *, device: str = "auto", params=None) -> Generato
     enc = load_text_encoder(e.model, e.pretrained, e.seed, e.layer, str(dev))
     check_fingerprint(enc, meta)
     return Generator(den, meta, enc, params.sample, local.name, "local", "",
-                     art.sha256_file(local / art.MODEL_WEIGHTS), str(local))
+                     art.model_weights_sha256(local), str(local))
 
 
 def _from_bundle(root: Path, dev, name: str, version: str, run_id: str, source: str) -> Generator:
     """A logged MLflow model folder (the one holding MLmodel)."""
     den, meta, enc, settings = bundle.load_bundle(bundle.bundle_paths(root), dev)
-    weights = art.sha256_file(root / "artifacts" / art.BUNDLE_DENOISER / art.MODEL_WEIGHTS)
+    weights = art.model_weights_sha256(root / "artifacts" / art.BUNDLE_DENOISER)
     return Generator(den, meta, enc, settings, name, version, run_id, weights, source)
 
 
@@ -264,6 +268,14 @@ def plan_rows(gen: Generator, prompts: Prompts, base_seed: int = 0, overrides: d
             else overrides.get("guidance_scale", s.guidance_scale),
             "eta": eta,
         })
+    from diffusion.data.buckets import requested_size
+
+    for r, row in zip(prompts.rows, planned):  # a size (an aspect bucket): the row's, else the command line's
+        w, h = (r.get("width"), r.get("height")) if r.get("width") or r.get("height") else \
+            (overrides.get("width"), overrides.get("height"))
+        size = requested_size(gen.meta, w, h, f"prompt {row['index']}")
+        if size is not None:  # only then: the rows (and so batch.json's rows_sha256) of square requests stay as they were
+            row["width"], row["height"] = size
     max_steps = len(gen.denoiser.sigmas)
     for row in planned:
         if not 1 <= row["steps"] <= max_steps:
@@ -272,7 +284,8 @@ def plan_rows(gen: Generator, prompts: Prompts, base_seed: int = 0, overrides: d
 
 
 def _settings_key(row: dict) -> tuple:
-    return (row["sampler"], row["spacing"], row["steps"], row["guidance_scale"], row["eta"])
+    return (row["sampler"], row["spacing"], row["steps"], row["guidance_scale"], row["eta"], row.get("width"),
+            row.get("height"))
 
 
 def _check_or_write_request(out: Path, request: dict) -> None:
@@ -383,7 +396,8 @@ def _rendered_in_order(gen: Generator, chunks: list[list[dict]], size: int, subm
 
 
 def render_chunk(gen: Generator, chunk: list[dict], size: int) -> list[tuple[dict, bytes]]:
-    """Draw one chunk of rows that share their settings (one sampler call), ``size`` pixels square:
+    """Draw one chunk of rows that share their settings (one sampler call), ``size`` pixels square
+    or the rows' width x height:
     each row's manifest record (the row, the model, the file, its sha256, the time) and PNG bytes.
     Writes nothing, so it runs anywhere (a Dask worker); ``_commit_chunk`` writes the result."""
     from diffusion.sampling.generate import encode_prompts, generate
@@ -394,6 +408,8 @@ def render_chunk(gen: Generator, chunk: list[dict], size: int) -> list[tuple[dic
                        guidance_scale=first["guidance_scale"], eta=first["eta"], batch_size=len(chunk))
     negatives = [r["negative_prompt"] for r in chunk]
     cond, uncond = encode_prompts(gen.encoder, [r["prompt"] for r in chunk], negatives=negatives)
+    if first.get("width"):
+        size = (first["width"], first["height"])
     images = generate(gen.denoiser, cond, uncond, [r["seed"] for r in chunk], size, settings)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rendered = []

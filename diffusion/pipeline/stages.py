@@ -81,6 +81,7 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     from diffusion.training.train import train as train_loop
 
     image_size = art.square_image_size(shards_dir)
+    buckets = art.shard_buckets(shards_dir)  # ingest.resize_mode bucket: batches of one bucket each
     found = latent_training_data(latents_dir, shards_dir)
     if p.latents.vae and found is None:
         raise MissingInputError(f"latents.vae is set but {latents_dir or '(no --latents folder)'} holds no latents: "
@@ -91,21 +92,38 @@ def train(p: Params, shards_dir: str | Path, embeddings_dir: str | Path, out_dir
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid_fn = _train_grid_fn(p, table, latent, image_size, out)
+    init = _init_from(p)
 
     from diffusion.training import distributed
 
     rank = distributed.launched_rank()
     if rank:  # another torchrun process: it trains its share; rank 0 logs, checkpoints and exports
-        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False, val_urls=val_urls)
+        train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, progress=False, val_urls=val_urls,
+                   init=init, buckets=buckets)
         return {"rank": rank}
     read = {_as_given(d): art.dvc_md5(d) for d in (latents_dir if latent else shards_dir, embeddings_dir)}
     with _train_run(p, out, table, image_size, latent) as (run, logger):
         train_loop(p.train, urls, table, out, image_size=image_size, latent=latent, logger=logger, grid_fn=grid_fn,
-                   progress=progress, val_urls=val_urls)
+                   buckets=buckets,
+                   progress=progress, val_urls=val_urls, init=init)
     art.write_json(out / art.TRAINED_ON, read)  # what this model saw, for its lineage (not dvc.lock's say-so)
     meta = art.model_meta(out)
     return {"run_id": run.info.run_id, "steps": meta["steps_done"], "train_img_per_s": meta["train_img_per_s"],
             "train_seconds": meta["train_seconds"], "device": meta["device"]}
+
+
+def _init_from(p: Params):
+    """train.init_from resolved (``diffusion.training.warm_start.Parent``; a registered version
+    fetched from the registry of params ``mlflow``), or None: from scratch."""
+    if not p.train.init_from:
+        return None
+    import mlflow
+
+    from diffusion.registry import tracking, versions
+    from diffusion.training import warm_start
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(p.mlflow))
+    return warm_start.resolve(p.train.init_from, registered=versions.fetch_denoiser)
 
 
 def _as_given(folder: str | Path) -> str:
@@ -160,6 +178,7 @@ def _train_run(p: Params, out: Path, table, image_size: int, latent):
     import mlflow
 
     from diffusion.registry import tracking
+    from diffusion.training import warm_start
 
     tracking.setup(p.mlflow)
     uri = tracking.tracking_uri(p.mlflow)
@@ -174,6 +193,8 @@ def _train_run(p: Params, out: Path, table, image_size: int, latent):
         mlflow.set_tags({"text_fingerprint": table.fingerprint["weights"], "stage": "train"})
         logger = tracking.MlflowLogger()
         yield run, logger
+        # train.init_from: the parent the exported model.json records (parent.source, .resolved, .sha256)
+        mlflow.set_tags(warm_start.tags(art.model_meta(out).get("parent")))
         curve = logger.loss_curve()
         art.write_loss_history(out, logger.history.get("loss", []), logger.history.get("val_loss", []))
         if curve is not None:
@@ -330,9 +351,11 @@ def register(p: Params, model_dir: str | Path, metrics_file: str | Path, out_fil
             or k in ("fd_judge.generated", "fidelity.generated.speckle", "image.fid", "image.clip_score",
                      "retrieval.fd.generated", "retrieval.fd.real_floor")}
     evaluation = metrics.get("fingerprint") or {}
-    tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"), art.read_trained_on(model_dir))
+    tags = lineage.collect(project_dir, to_dict(p), evaluation.get("id", "none"), art.read_trained_on(model_dir),
+                           parent=meta.get("parent"))
     info = log_and_register(model_dir, encoder, p.sample, keep, p.register.model_name,
-                            run.get("run_id"), evaluation=evaluation, lineage=tags, vae=vae)
+                            run.get("run_id"), evaluation=evaluation, lineage=tags, vae=vae,
+                            merge_lora=p.register.merge_lora)
     info["tracking_uri"] = tracking.tracking_uri(p.mlflow)
     art.write_json(out_file, info)
     return info

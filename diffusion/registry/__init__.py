@@ -1,8 +1,8 @@
 """Registry: MLflow's side of the house.
 
 Owns: the logged model (``pyfunc``: prompts in, PNGs out; registration), its files (``bundle``),
-promotion by alias (``promote``), lineage tags (``lineage``) and the training run's tracking
-(``tracking``).
+promotion by alias (``promote``), lineage tags (``lineage``), the training run's tracking
+(``tracking``) and resolving and fetching registered versions (``versions``).
 
 May import: the foundation, ``diffusion.data``, ``diffusion.models``, ``diffusion.sampling``,
 ``diffusion.evaluation``.

@@ -10,19 +10,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusion.artifacts import BUNDLE, BUNDLE_DENOISER, BUNDLE_EVAL, BUNDLE_SAMPLER, BUNDLE_TEXT_SPEC, BUNDLE_TEXT_WEIGHTS, BUNDLE_VAE, MODEL_CONFIG, MODEL_WEIGHTS, require_model, write_json
+from diffusion.artifacts import BUNDLE, BUNDLE_DENOISER, BUNDLE_EVAL, BUNDLE_SAMPLER, BUNDLE_TEXT_SPEC, BUNDLE_TEXT_WEIGHTS, BUNDLE_VAE, LORA_WEIGHTS, MODEL_CONFIG, MODEL_WEIGHTS, require_model, write_json
 from diffusion.config import SAMPLER_KEYS, SampleConfig
 from diffusion.errors import T2IError
-from diffusion.models.store import load_model
+from diffusion.models.store import load_model, merge_model
 
 # the sampler settings a model is registered with (SampleConfig keys)
 BUNDLE_SAMPLER_KEYS = (*SAMPLER_KEYS, "batch_size")
 
 
 def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, evaluation: dict,
-                 vae=None) -> dict[str, str]:
+                 vae=None, merge_lora: bool = False) -> dict[str, str]:
     """Lay out a self-contained model in ``dest`` (with ``vae``, a latent model's autoencoder);
-    returns MLflow's {artifact name: path}."""
+    returns MLflow's {artifact name: path}. A LoRA model goes in as its base + adapter, or with
+    ``merge_lora`` (register.merge_lora) as the merged weights, a plain model; ``load_model`` reads both."""
     import shutil
 
     from safetensors.torch import save_file
@@ -30,8 +31,12 @@ def write_bundle(dest: str | Path, model_dir: str | Path, encoder, settings, eva
     dest = Path(dest)
     (dest / BUNDLE_DENOISER).mkdir(parents=True)
     src = require_model(model_dir)
-    for f in (MODEL_WEIGHTS, MODEL_CONFIG):
-        shutil.copy(src / f, dest / BUNDLE_DENOISER / f)
+    lora = "lora" in json.loads((src / MODEL_CONFIG).read_text())
+    if lora and merge_lora:
+        merge_model(src, dest / BUNDLE_DENOISER)
+    else:
+        for f in (MODEL_WEIGHTS, MODEL_CONFIG, *((LORA_WEIGHTS,) if lora else ())):
+            shutil.copy(src / f, dest / BUNDLE_DENOISER / f)
     save_file({k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()},
               str(dest / BUNDLE_TEXT_WEIGHTS))
     write_json(dest / BUNDLE_TEXT_SPEC, {"model": encoder.fingerprint["model"], "layer": encoder.layer,

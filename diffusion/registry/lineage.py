@@ -12,6 +12,9 @@
     lineage.data_from        where those came from: "train stage", "dvc.lock (matches the data on
                              disk)", or "unknown" (nothing could be vouched for)
     lineage.params_sha256    hash of the whole params (after overrides), canonical JSON
+    lineage.parent.source    a warm-started model's train.init_from as written, ``.resolved`` what it
+                             named then (models:/<name>/<version> or a folder), ``.sha256`` the
+                             weights it started from (model.json's ``parent``); absent from scratch
     eval.fingerprint         what the metrics were measured on (prompt set, judge, sampler settings)
 
 Every value is a short string, as MLflow tags must be.
@@ -82,8 +85,9 @@ def locked_data(project_dir: str | Path, stage: str = "train") -> dict[str, str]
 
 
 def collect(project_dir: str | Path, params_dict: dict, evaluation_id: str,
-            trained_on: dict[str, str] | None = None) -> dict[str, str]:
-    """The lineage tags; ``trained_on``: the train stage's record of what it read (``trained_on.json``)."""
+            trained_on: dict[str, str] | None = None, parent: dict | None = None) -> dict[str, str]:
+    """The lineage tags; ``trained_on``: the train stage's record of what it read (``trained_on.json``);
+    ``parent``: model.json's record of the model it was warm-started from (train.init_from)."""
     tags = {f"{LINEAGE_PREFIX}{k}": v for k, v in git_state(project_dir).items()}
     data = trained_on if trained_on is not None else locked_data(project_dir)
     tags[f"{LINEAGE_PREFIX}data_from"] = ("train stage" if trained_on is not None else
@@ -91,5 +95,7 @@ def collect(project_dir: str | Path, params_dict: dict, evaluation_id: str,
     for path, md5 in data.items():
         tags[f"{LINEAGE_PREFIX}data.{path}"] = md5
     tags[f"{LINEAGE_PREFIX}params_sha256"] = params_hash(params_dict)
+    for k, v in (parent or {}).items():
+        tags[f"{LINEAGE_PREFIX}parent.{k}"] = str(v)
     tags[EVAL_TAG] = evaluation_id
     return tags

@@ -117,7 +117,7 @@ def _record(client, d: Decision) -> None:
 
 
 def newest_version(client, name: str) -> int:
-    from diffusion.registry.pyfunc import registered_model
+    from diffusion.registry.versions import registered_model
 
     registered_model(client, name)  # the one-line "no such model" error
     versions = [int(v.version) for v in client.search_model_versions(f"name='{name}'")]
@@ -168,7 +168,7 @@ def promote(client, tracking_uri: str, name: str, cfg: PromoteConfig, candidate:
     """Apply the policy to ``candidate`` (default: the newest version); move the alias on a win."""
     with registry_lock(tracking_uri, name):
         version = candidate if candidate is not None else newest_version(client, name)
-        from diffusion.registry.pyfunc import ModelRef, resolve_version
+        from diffusion.registry.versions import ModelRef, resolve_version
 
         cand = resolve_version(ModelRef(name, version=str(version)), client)
         before = _champion(client, name, cfg.alias)
@@ -200,7 +200,7 @@ def rollback(client, tracking_uri: str, name: str, alias: str = "champion") -> D
     with registry_lock(tracking_uri, name):
         current = _champion(client, name, alias)
         if current is None:
-            from diffusion.registry.pyfunc import ModelRef, resolve_version
+            from diffusion.registry.versions import ModelRef, resolve_version
 
             resolve_version(ModelRef(name, alias=alias), client)  # raises the "no @alias yet" error
         history = _history(client, name)

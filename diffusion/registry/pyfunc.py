@@ -7,16 +7,15 @@ settings, the evaluation it was registered with, and this package's code.
 returns one row per prompt with the PNG bytes of the image; ``mlflow models serve`` answers the
 same rows as JSON, the image base64-encoded.
 
-This module also resolves what users type (``models:/name@alias``, ``models:/name/3``, ``name``)
-into a registry version, with one-line errors for the usual mistakes.
+What users type (``models:/name@alias``, ``models:/name/3``, ``name``) is resolved into a registry
+version by ``diffusion.registry.versions``.
 """
 
 from __future__ import annotations
 
 import io
-import re
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -37,7 +36,8 @@ OVERRIDABLE = ("guidance_scale", "steps", "sampler", "spacing", "eta")
 class T2IModel(mlflow.pyfunc.PythonModel):
     """pyfunc: DataFrame(prompt[, seed, negative_prompt]) -> DataFrame(prompt, seed, image).
 
-    ``params`` (guidance_scale, steps, sampler, spacing, eta) override the registered sampler settings.
+    ``params`` (guidance_scale, steps, sampler, spacing, eta) override the registered sampler settings;
+    ``width`` and ``height`` pick one of the model's aspect buckets (default: its square image_size).
     """
 
     def load_context(self, context) -> None:
@@ -57,8 +57,23 @@ class T2IModel(mlflow.pyfunc.PythonModel):
                      if "negative_prompt" in model_input else None)
         settings = self._settings(params)
         cond, uncond = encode_prompts(self.encoder, prompts, negatives=negatives)
-        images = generate(self.denoiser, cond, uncond, seeds, self.meta["image_size"], settings)
+        images = generate(self.denoiser, cond, uncond, seeds, self._size(params), settings)
         return pd.DataFrame({"prompt": prompts, "seed": seeds, "image": [png_bytes(img) for img in images]})
+
+    def _size(self, params: dict | None) -> int | tuple[int, int]:
+        """The image size ``params`` ask for (width and height: one of the model's buckets), else the
+        square image_size; a size it was not trained on is an INVALID_PARAMETER_VALUE error."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from diffusion.data.buckets import requested_size
+
+        params = params or {}
+        try:
+            size = requested_size(self.meta, params.get("width"), params.get("height"))
+        except T2IError as e:
+            raise MlflowException(f"bad params: {e}", error_code=INVALID_PARAMETER_VALUE) from None
+        return self.meta["image_size"] if size is None else size
 
     def _settings(self, params: dict | None) -> SampleConfig:
         """The registered sampler settings with ``params`` applied; a bad value is an
@@ -85,19 +100,21 @@ def png_bytes(image) -> bytes:
 
 def log_and_register(model_dir: str | Path, encoder, settings: SampleConfig, metrics: dict[str, float],
                      model_name: str, run_id: str | None = None, *, evaluation: dict | None = None,
-                     lineage: dict[str, str] | None = None, vae=None) -> dict:
+                     lineage: dict[str, str] | None = None, vae=None, merge_lora: bool = False) -> dict:
     """Log the pyfunc model to ``run_id`` (or a new run) and register it as a new version of
     ``model_name``, tagged with ``metrics`` and ``lineage``; a latent model's ``vae`` goes into the
-    bundle. Returns {name, version, uri, run_id}."""
+    bundle; ``merge_lora``: a LoRA model is registered as its merged weights (``write_bundle``).
+    Returns {name, version, uri, run_id}."""
     evaluation = evaluation or {}
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = write_bundle(tmp, model_dir, encoder, settings, {"fingerprint": evaluation, "metrics": metrics},
-                                 vae=vae)
+                                 vae=vae, merge_lora=merge_lora)
         signature = model_signature(settings)
         with mlflow.start_run(run_id=run_id) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=T2IModel(), artifacts=artifacts, code_paths=[str(PACKAGE_DIR)],
-                signature=signature, pip_requirements=_requirements(vae is not None), input_example=None,
+                signature=signature, pip_requirements=_requirements(vae is not None or _diffusers_unet(artifacts)),
+                input_example=None,
             )
             mlflow.log_metrics(metrics)
             run_id = run.info.run_id
@@ -133,8 +150,19 @@ def model_signature(settings: SampleConfig):
                             ParamSpec("sampler", "string", str(settings.sampler)),
                             ParamSpec("spacing", "string", str(settings.spacing)),
                             # null: the sampler's own default (so overriding the sampler alone works)
-                            ParamSpec("eta", "double", settings.eta)]),
+                            ParamSpec("eta", "double", settings.eta),
+                            # an aspect bucket of the model (model.json buckets); null: its square image_size
+                            ParamSpec("width", "long", None), ParamSpec("height", "long", None)]),
     )
+
+
+def _diffusers_unet(artifacts: dict[str, str]) -> bool:
+    """Whether the bundle's denoiser is a diffusers UNet (train.denoiser diffusers), which needs diffusers."""
+    import json
+
+    from diffusion.artifacts import MODEL_CONFIG
+
+    return "diffusers_unet" in json.loads((Path(artifacts["denoiser"]) / MODEL_CONFIG).read_text())
 
 
 def _requirements(latent: bool = False) -> list[str]:
@@ -145,60 +173,3 @@ def _requirements(latent: bool = False) -> list[str]:
     if latent:
         pkgs.append("diffusers")
     return [f"{pkg}=={version(pkg)}" for pkg in pkgs]
-
-
-# ---------------------------------------------------------------------------------------------
-# Resolving what the user typed
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    name: str
-    version: str | None = None  # a number
-    alias: str | None = None
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
-
-
-def parse_model_uri(uri: str, default_alias: str = "champion") -> ModelRef:
-    """``models:/name@alias``, ``models:/name/3``, ``models:/name`` (the default alias), ``name@alias``."""
-    body = uri.removeprefix("models:/").strip("/")
-    m = re.fullmatch(r"([^/@]+)(?:@([\w-]+)|/(\d+))?", body)
-    if not m:
-        raise T2IError(f"not a model URI: {uri!r} (expected models:/<name>@<alias> or models:/<name>/<version>)")
-    name, alias, version = m.groups()
-    return ModelRef(name, version, alias if alias or version else default_alias)
-
-
-def resolve_version(ref: ModelRef, client=None):
-    """The registry's ModelVersion for ``ref``; one-line errors for an unknown name, version or alias."""
-    from mlflow.exceptions import MlflowException
-
-    client = client or mlflow.MlflowClient()
-    model = registered_model(client, ref.name)
-    if ref.alias:
-        if ref.alias not in (model.aliases or {}):
-            have = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "no aliases"
-            hint = " (promote a version first: t2i promote)" if ref.alias == "champion" else ""
-            raise T2IError(f"model {ref.name!r} has no @{ref.alias} yet ({have}){hint}")
-        return client.get_model_version(ref.name, model.aliases[ref.alias])
-    try:
-        return client.get_model_version(ref.name, ref.version)
-    except MlflowException:
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{ref.name}'"))
-        raise T2IError(f"model {ref.name!r} has no version {ref.version} "
-                       f"(versions: {', '.join(map(str, versions)) or 'none'})") from None
-
-
-def registered_model(client, name: str):
-    """The registry's RegisteredModel ``name``; one line naming the ones there are if it is unknown."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException:
-        known = sorted(m.name for m in client.search_registered_models())
-        raise T2IError(f"no registered model named {name!r} in {client.tracking_uri} "
-                       f"(registered: {', '.join(known) or 'none'}; run the pipeline first)") from None

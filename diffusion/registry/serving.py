@@ -56,6 +56,7 @@ class Request:
     negatives: list[str]  # "" where a row has none
     settings: SampleConfig
     tokens: int = 0  # the token length its text is drawn at (fixed_shape: its prompts' bucket)
+    size: int | tuple[int, int] = 0  # the image size (params width and height: an aspect bucket); 0: the model's
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
@@ -132,9 +133,10 @@ class Batcher:
                              f"{self.max_batch} (serve.max_batch): split the request", status=413)
         try:
             settings = self.model._settings(params)
+            size = self.model._size(params)
         except MlflowException as e:
             raise BadRequest(e.message) from None
-        request = Request(prompts, seeds, negatives, settings, self._bucket(prompts + negatives))
+        request = Request(prompts, seeds, negatives, settings, self._bucket(prompts + negatives), size)
         with self._cv:
             if self._closed:
                 raise T2IError("the batcher is closed")
@@ -159,7 +161,8 @@ class Batcher:
                 return
             try:
                 images = self.draw([p for r in batch for p in r.prompts], [s for r in batch for s in r.seeds],
-                                   [n for r in batch for n in r.negatives], batch[0].settings, batch[0].tokens)
+                                   [n for r in batch for n in r.negatives], batch[0].settings, batch[0].tokens,
+                                   batch[0].size)
             except Exception as e:  # noqa: BLE001 (handed to every waiting request, the worker lives on)
                 for r in batch:
                     r.future.set_exception(e)
@@ -184,7 +187,7 @@ class Batcher:
                 first = self._queue[0]
                 batch, rows = [], 0
                 for r in self._queue:
-                    same = r.settings == first.settings and r.tokens == first.tokens
+                    same = r.settings == first.settings and r.tokens == first.tokens and r.size == first.size
                     if same and rows + len(r.prompts) <= self.max_batch:
                         batch.append(r)
                         rows += len(r.prompts)
@@ -204,9 +207,9 @@ class Batcher:
         return min(self.token_length, -(-longest // TOKEN_BUCKET) * TOKEN_BUCKET)
 
     def draw(self, prompts: list[str], seeds: list[int], negatives: list[str], settings: SampleConfig,
-             tokens: int = 0) -> list[bytes]:
+             tokens: int = 0, size: int | tuple[int, int] = 0) -> list[bytes]:
         """PNG bytes of one image per row, in one sampler call; with ``fixed_shape`` at max_batch rows
-        and ``tokens`` text positions."""
+        and ``tokens`` text positions, at ``size`` (0: the model's image_size)."""
         from diffusion.registry.pyfunc import png_bytes
 
         n = len(prompts)
@@ -216,7 +219,7 @@ class Batcher:
                 negatives + [negatives[0]] * extra
         length = tokens or max(self._encoded(t).tokens.shape[1] for t in prompts + negatives)
         cond, uncond = self._cond(prompts, length), self._cond(negatives, length)
-        images = generate(self.model.denoiser, cond, uncond, seeds, self.image_size,
+        images = generate(self.model.denoiser, cond, uncond, seeds, size or self.image_size,
                           replace(settings, batch_size=len(prompts)))
         self.calls += 1
         self.images += n

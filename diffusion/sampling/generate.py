@@ -44,7 +44,7 @@ def autocast_for(device: torch.device):
 
 
 @torch.no_grad()
-def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], image_size: int,
+def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], image_size: int | tuple[int, int],
              cfg: SampleConfig, *, progress: bool = False) -> np.ndarray:
     """Sample one image per row of ``cond`` with the sampler settings of ``cfg`` (sampler,
     steps, spacing, eta, guidance_scale, guidance_interval, clip_denoised, batch_size). ``uncond``
@@ -54,19 +54,25 @@ def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], ima
     A latent model (``denoiser.codec`` set) samples latents and decodes them; ``clip_denoised``
     then clamps x0_hat to the largest value of the training latents instead of [-1, 1].
 
+    ``image_size``: the side of square images, or (width, height) (an aspect bucket of the model,
+    ``diffusion.data.buckets.requested_size``).
+
     Returns (N, H, W, 3) uint8.
     """
+    width, height = (int(image_size[0]), int(image_size[1])) if isinstance(image_size, (tuple, list)) \
+        else (int(image_size), int(image_size))
     device = next(denoiser.net.parameters()).device
     sigmas = sampling_sigmas(denoiser.sigmas.double().cpu(), cfg.steps, cfg.spacing)
     sample = sampler_fn(cfg.sampler)
     interval = tuple(cfg.guidance_interval) if cfg.guidance_interval else None
     codec = denoiser.codec
     if codec is None:
-        shape, bound = (3, image_size, image_size), 1.0
+        shape, bound = (3, height, width), 1.0
     else:
-        if codec.spec.image_size != image_size:
-            raise T2IError(f"the model decodes {codec.spec.image_size}px images, {image_size}px were asked for")
-        shape, bound = codec.latent_shape, codec.spec.abs_max
+        factor = codec.spec.image_size // codec.spec.size  # the VAE's; an aspect bucket is a multiple of it
+        if (isinstance(image_size, int) and image_size != codec.spec.image_size) or width % factor or height % factor:
+            raise T2IError(f"the model decodes {codec.spec.image_size}px images, {width}x{height} were asked for")
+        shape, bound = (codec.spec.channels, height // factor, width // factor), codec.spec.abs_max
     out = []
     starts = range(0, len(seeds), cfg.batch_size)
     for start in tqdm(starts, desc="sample", unit="batch", disable=not progress):
@@ -82,7 +88,7 @@ def generate(denoiser: Denoiser, cond: Cond, uncond: Cond, seeds: list[int], ima
         if codec is not None:
             x = codec.decode(x.float())
         out.append(to_uint8(x))
-    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return np.concatenate(out) if out else np.zeros((0, height, width, 3), np.uint8)
 
 
 def encode_prompts(encoder: TextEncoder, prompts: list[str], batch_size: int = 256,
@@ -140,7 +146,10 @@ def make_grid(images: np.ndarray | list, captions: list[str], *, cols: int = 6, 
     for i, (img, cap) in enumerate(zip(images, captions)):
         r, c = divmod(i, cols)
         x, y = 8 + c * (cell + 8), 8 + r * (cell + text_h + 8)
-        grid.paste(Image.fromarray(np.asarray(img)).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
+        im = Image.fromarray(np.asarray(img))
+        scale = cell / max(im.size)  # a non-square image keeps its aspect, centred in its cell
+        w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+        grid.paste(im.resize((w, h), Image.Resampling.NEAREST), (x + (cell - w) // 2, y + (cell - h) // 2))
         lines = textwrap.wrap(cap, chars)[:4]
         for j, line in enumerate(lines):
             draw.text((x, y + cell + 2 + 13 * j), line, fill=(0, 0, 0), font=font)

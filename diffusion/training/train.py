@@ -1,7 +1,7 @@
 """Training: stream shards, join captions to their precomputed embeddings, train the denoiser.
 
 ``train(...)`` runs the loop from named pieces: ``build_state`` (model, EMA, optimizer, schedule,
-precision), ``resume`` (the newest checkpoint written with the same settings), ``train_step``
+precision), ``resume`` (the newest intact checkpoint; other settings are refused), ``train_step``
 (gradient accumulation, clipping, the optimizer, EMA), a ``Monitor`` (loss, throughput and the
 non-finite guard, all kept on the device and read only at logging intervals: no host-device sync
 per step), ``save_checkpoint`` (the last ``keep_checkpoints``, each written atomically) and
@@ -33,14 +33,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from diffusion.training import distributed
+from diffusion.training import distributed, warm_start
 from diffusion.artifacts import CHECKPOINT
+from diffusion.models import lora
 from diffusion.models.store import build_denoiser, save_model
-from diffusion.config import TrainConfig, check_fits, to_dict
+from diffusion.config import TrainConfig, check_denoiser_fits, check_fits, to_dict
 from diffusion.training.distributed import Dist
 from diffusion.errors import ConfigError, T2IError
 from diffusion.data.latents import LatentSpec
-from diffusion.models.loss import diffusion_loss
+from diffusion.models.loss import diffusion_loss, objective_warning
 from diffusion.models.unet import Cond, count_params
 from diffusion.models.precond import Denoiser
 from diffusion.data.shards import raw_samples
@@ -98,8 +99,9 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_p = list(ema.parameters())
-    torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - decay)
+    # the weights that train (all, or a LoRA adapter alone): a frozen base is the same in both
+    pairs = [(e, p.detach()) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1.0 - decay)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +123,46 @@ def adamw_kwargs(cfg: TrainConfig, device: torch.device) -> dict:
             **({"fused": True} if device.type in ("cuda", "cpu") else {})}
 
 
+def set_grad_checkpointing(net: torch.nn.Module, cfg: TrainConfig) -> None:
+    """``train.grad_checkpointing`` on the raw network (every network of train.denoiser has
+    ``set_grad_checkpointing``; it acts only while gradients are recorded)."""
+    setter = getattr(net, "set_grad_checkpointing", None)
+    if setter is None:
+        if cfg.grad_checkpointing:
+            raise ConfigError(f"train.grad_checkpointing: the {cfg.denoiser} network ({type(net).__name__}) "
+                              "cannot recompute its activations; set train.grad_checkpointing false")
+        return
+    setter(cfg.grad_checkpointing)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start ``peak_memory_mb``'s count at this point (CUDA: the allocator's peak; the CPU, on Linux:
+    the process' peak resident set, VmHWM, via /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The peak memory since ``reset_peak_memory``, in MiB: on CUDA ``torch.cuda.max_memory_allocated``
+    (tensors only, not the allocator's cache); on the CPU the peak resident set size of this process
+    (data worker processes not included), where /proc is missing (not Linux) the lifetime peak
+    ``getrusage``'s ru_maxrss reports."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
 @dataclass
 class TrainState:
     cfg: TrainConfig
@@ -138,6 +180,9 @@ class TrainState:
     step: int = 0
     positions: list[DataPosition] = field(default_factory=list)  # one per data worker
     checkpoint_step: int | None = None  # the step checkpoint.pt holds, when this run wrote or resumed it
+    images_seen: int = 0  # training images drawn so far, over all ranks and every run of this training
+    set_aside: Path | None = None  # a damaged checkpoint.pt that the next save moves aside (not over a good one)
+    stale: list[Path] = field(default_factory=list)  # a finished run's checkpoint-<step>.pt, dropped at the first save
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -146,8 +191,9 @@ class TrainState:
 
 
 def build_state(cfg: TrainConfig, table: EmbeddingTable, image_size: int, latent: LatentSpec | None,
-                device: torch.device, d: Dist) -> TrainState:
-    """A fresh model, EMA, optimizer and schedule on ``device`` (the same initial weights on every rank)."""
+                device: torch.device, d: Dist, init: warm_start.Parent | None = None) -> TrainState:
+    """A fresh model, EMA, optimizer and schedule on ``device`` (the same initial weights on every rank);
+    with train.init_from, the network starts from that parent's weights (``init``: it already resolved)."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     text_dim, pooled_dim = table.tokens.shape[-1], table.pooled.shape[-1]
@@ -164,10 +210,19 @@ def build_state(cfg: TrainConfig, table: EmbeddingTable, image_size: int, latent
         torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
         torch.backends.cudnn.allow_tf32 = cfg.tf32
     model = build_denoiser(cfg, text_dim, pooled_dim, in_channels=channels).to(device)
+    parent = warm_start.apply(model, cfg, init, table, latent)  # train.init_from (None: from scratch)
     if cuda and cfg.channels_last and cfg.denoiser == "unet":
         model = model.to(memory_format=torch.channels_last)
+    set_grad_checkpointing(model.net, cfg)
+    if cfg.lora.rank:  # train.lora: adapters on the (warm-started) base, which is frozen from here
+        lora.inject(model.net, lora.targets_for(cfg.denoiser, cfg.lora.target_modules), cfg.lora.rank,
+                    cfg.lora.alpha, cfg.lora.dropout)
+        if parent is None and d.main:
+            print("train.lora adapts a frozen base, here the seed's random network (train.init_from is null): "
+                  "its output layer starts at zero, so adapters that do not include it learn nothing; "
+                  "set train.init_from to the model to fine-tune")
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), **adamw_kwargs(cfg, device))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **adamw_kwargs(cfg, device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     forward: Callable = model
     if d.active:
@@ -183,6 +238,8 @@ def build_state(cfg: TrainConfig, table: EmbeddingTable, image_size: int, latent
             "text_fingerprint_id": fingerprint_id(table.fingerprint)}
     if latent is not None:
         meta["latents"] = latent.as_dict()
+    if parent is not None:  # a different parent is a different run: resume compares it too
+        meta["parent"] = parent
     if d.active:
         meta["world"] = d.world
     return TrainState(cfg, device, d, model, forward, ema, opt, sched, scaler, amp_dtype, gen, meta,
@@ -209,61 +266,196 @@ def _set_rng_state(state: dict, gen: torch.Generator) -> None:
 
 
 def older_checkpoints(out: Path) -> list[Path]:
-    """The kept checkpoints before the newest, oldest first."""
-    return sorted(out.glob("checkpoint-*.pt"))
+    """The kept checkpoints before the newest (``checkpoint-<step>.pt``), oldest first."""
+    return sorted((p for p in out.glob("checkpoint-*.pt") if p.stem[len("checkpoint-"):].isdigit()),
+                  key=lambda p: int(p.stem[len("checkpoint-"):]))
 
 
 # train keys that change what is logged or kept, not the weights: a run resumes across them
-_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "val_every", "val_samples")
+_BOOKKEEPING = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "val_every", "val_samples",
+               "grad_checkpointing")  # recomputes activations, same gradients: a run that ran out of memory turns it on and resumes
+# what a checkpoint must hold to be resumed; a file without them (or unreadable) is damaged
+_CHECKPOINT_KEYS = ("meta", "model", "ema", "optimizer", "scheduler", "step", "data", "rng")
+# how the refusal names the meta entries outside train
+_META_NAMES = {"world": "world size", "code": "code of the train stage", "image_size": "image size",
+               "text_fingerprint_id": "caption embeddings", "text_dim": "caption embedding width",
+               "pooled_dim": "pooled embedding width"}
 
 
 def _trajectory(meta: dict) -> dict:
-    """``meta`` without the bookkeeping keys: what a checkpoint must match to be resumed."""
-    return {**meta, "train": {k: v for k, v in meta["train"].items() if k not in _BOOKKEEPING}}
+    """``meta`` without the bookkeeping keys: what a checkpoint must match to be resumed. A single
+    process writes no ``world``: it is 1. With ``train.lr_schedule: constant`` the LR does not depend
+    on ``train.steps``, so steps is bookkeeping too (a finished run extends exactly)."""
+    train = {k: v for k, v in meta["train"].items() if k not in _BOOKKEEPING}
+    if train.get("lr_schedule") == "constant":
+        train.pop("steps", None)
+    return {"world": 1, **meta, "train": train}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def trajectory_changes(old: dict, new: dict) -> list[str]:
+    """The settings that differ between two checkpoints' ``meta``, one "key old -> new" each
+    (train keys dotted, e.g. ``train.lora.rank 4 -> 8``; the text fingerprint by its id)."""
+    a, b = _flat(_trajectory(old)), _flat(_trajectory(new))
+    missing = "(unset)"
+    changes = []
+    for key in sorted(set(a) | set(b), key=lambda k: (not k.startswith("train."), k)):
+        if key.startswith("text_fingerprint.") or a.get(key, missing) == b.get(key, missing):
+            continue  # the fingerprint's fields are summed up by text_fingerprint_id
+        changes.append(f"{_META_NAMES.get(key, key)} {a.get(key, missing)} -> {b.get(key, missing)}")
+    return changes
+
+
+class _Damaged(Exception):
+    """A checkpoint file that cannot be read as one (truncated, garbage, keys missing)."""
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, bytes that are no checkpoint, an unpicklable object
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _Damaged(reason[:160]) from None
+    if not isinstance(ckpt, dict):
+        raise _Damaged(f"it holds a {type(ckpt).__name__}, not a checkpoint")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+    if missing or not isinstance(ckpt["meta"], dict) or "train" not in ckpt["meta"]:
+        raise _Damaged(f"missing {', '.join(missing) or 'meta.train'}")
+    return ckpt
+
+
+def _set_aside_name(path: Path) -> Path:
+    """``checkpoint.pt.damaged`` (``.damaged.1``, ... when that is taken: nothing is overwritten)."""
+    target, n = path.with_name(path.name + ".damaged"), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged.{n}")
+    return target
+
+
+def _newest_intact(out: Path, main: bool) -> tuple[Path, dict] | None:
+    """(path, checkpoint) of the newest intact checkpoint in ``out``: checkpoint.pt, else the kept
+    ones newest first; each damaged one is named in one line (rank 0). None when there is none at
+    all; ``T2IError`` when every one is damaged (nothing deleted)."""
+    path = out / CHECKPOINT
+    damaged: list[str] = []
+    for candidate in [p for p in [path, *reversed(older_checkpoints(out))] if p.is_file()]:
+        try:
+            return candidate, _load_checkpoint(candidate)
+        except _Damaged as e:
+            damaged.append(f"{candidate.name} ({e})")
+            if main:
+                print(f"{candidate} is damaged, skipping it: {e}")
+    if damaged:
+        raise T2IError(f"no intact checkpoint in {out}, damaged: {'; '.join(damaged)}. Nothing was deleted: "
+                       f"move them away (or use another --out) to train anew")
+    return None
+
+
+def _refuse_changes(candidate: Path, step: int, old_steps: int, changes: list[str], out: Path) -> None:
+    """An unfinished checkpoint of other settings: one line naming each change and what to do."""
+    fix = "set them back to resume it"
+    if any(c.startswith("train.steps ") for c in changes):
+        fix += (" (train.steps: the cosine LR schedule is laid out over train.steps, so a run cannot continue "
+                "exactly under another)")
+    if any(c.startswith(_META_NAMES["code"]) for c in changes):
+        fix += " (the code: run the version that wrote it)"
+    raise T2IError(f"{candidate} (step {step} of {old_steps}) was written with other settings: "
+                   f"{', '.join(changes)}; {fix}, or train anew in another --out (or delete "
+                   f"{out}/checkpoint*.pt); nothing was overwritten")
 
 
 def resume(state: TrainState, out: Path) -> None:
-    """Continue from ``out``/checkpoint.pt when it was written with the same settings and code
-    (every rank reads the same file and takes its own data positions and random streams)."""
+    """Continue from the newest intact checkpoint in ``out`` (``checkpoint.pt``, else the newest
+    ``checkpoint-<step>.pt``) when it was written with the same settings and code (every rank reads
+    the same file and takes its own data positions and random streams).
+
+    - A damaged file (unreadable, truncated, keys missing) is named in one line and the next older
+      one is tried; the run resumes from the newest intact one and says which. A damaged
+      ``checkpoint.pt`` is moved aside as ``checkpoint.pt.damaged`` by the next save (never renamed
+      over a kept checkpoint). With none intact: ``T2IError``, and nothing is deleted.
+    - A finished run (its step reached its own ``train.steps``) is trained anew.
+    - An unfinished run written with other settings (trajectory keys: all of ``meta`` but the
+      bookkeeping train keys) or other code: ``T2IError`` naming each change, old -> new, and
+      nothing is overwritten.
+    """
     path = out / CHECKPOINT
-    if not path.is_file():
+    found = _newest_intact(out, state.dist.main)
+    if found is None:
         return
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt["step"] >= state.cfg.steps:
+    candidate, ckpt = found
+    step, old_steps = ckpt["step"], ckpt["meta"]["train"].get("steps", state.cfg.steps)
+    changes = trajectory_changes(ckpt["meta"], state.meta)
+    if (changes and step >= old_steps) or (not changes and step >= state.cfg.steps):
         if state.dist.main:
-            print(f"{path} is a finished run: training anew")
+            why = ""
+            if any(c.startswith("train.steps ") for c in changes):
+                why = (f" (train.steps {old_steps} -> {state.cfg.steps} cannot continue it exactly: the cosine LR "
+                       "schedule is laid out over train.steps; with train.lr_schedule constant a finished run "
+                       "extends)")
+            print(f"{candidate} is a finished run ({step} steps): training anew{why}")
+        state.stale = older_checkpoints(out)  # its kept checkpoints must not outlive this run's in the rotation
+        if candidate != path and path.is_file():
+            state.set_aside = path
         return
-    if _trajectory(ckpt["meta"]) != _trajectory(state.meta):
-        if state.dist.main:
-            print(f"ignoring {path}: it was written with different settings")
-        return
-    state.model.load_state_dict(ckpt["model"])
-    state.ema.load_state_dict(ckpt["ema"])
+    if changes:
+        _refuse_changes(candidate, step, old_steps, changes, out)
+    lora.load_trainable_state_dict(state.model, ckpt["model"])  # train.lora: the checkpoint holds the adapter alone
+    lora.load_trainable_state_dict(state.ema, ckpt["ema"])
     state.opt.load_state_dict(ckpt["optimizer"])
     state.sched.load_state_dict(ckpt["scheduler"])
     if state.scaler is not None and ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
-    state.step = state.checkpoint_step = ckpt["step"]
+    state.step = ckpt["step"]
+    state.images_seen = ckpt.get("images_seen", step * state.cfg.batch_size)  # older checkpoints: full batches
     state.positions = [DataPosition(**p) for p in ckpt["data"][state.dist.rank]]
     _set_rng_state(ckpt["rng"][state.dist.rank], state.gen)
+    if candidate == path:
+        state.checkpoint_step = step
+    elif path.is_file():
+        state.set_aside = path  # damaged: the next save moves it aside rather than rotating it in
     if state.dist.main:
-        print(f"resuming from {path} at step {state.step}")
+        print(f"resuming from {candidate} at step {step} (epoch {state.positions[0].epoch}, "
+              f"{state.images_seen} images seen, lr {state.sched.get_last_lr()[0]:.6g})")
 
 
 def save_checkpoint(state: TrainState, out: Path) -> None:
     """Every rank hands in its data positions and random streams; rank 0 writes checkpoint.pt
     atomically, first moving the previous one aside as checkpoint-<step>.pt and dropping all but
-    the newest ``keep_checkpoints``."""
+    the newest ``keep_checkpoints``. After a resume from an older checkpoint, the damaged
+    checkpoint.pt is moved to checkpoint.pt.damaged instead (kept, never rotated over a good one);
+    a run that trains anew over a finished one drops that run's checkpoint-<step>.pt at its first
+    save (they would sort among its own, and a later fallback would take them)."""
     data = distributed.gather([dataclasses.asdict(p) for p in state.positions], state.dist)
     rng = distributed.gather(_rng_state(state.gen), state.dist)
     if not state.dist.main:
         return
     path = out / CHECKPOINT
     tmp = path.with_suffix(".tmp")
-    torch.save({"meta": state.meta, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+    torch.save({"meta": state.meta, "model": lora.trainable_state_dict(state.model),
+                "ema": lora.trainable_state_dict(state.ema),
                 "optimizer": state.opt.state_dict(), "scheduler": state.sched.state_dict(),
                 "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-                "step": state.step, "data": data, "rng": rng}, tmp)
+                "step": state.step, "images_seen": state.images_seen, "epoch": state.positions[0].epoch,
+                "data": data, "rng": rng}, tmp)
+    if state.set_aside is not None:
+        if state.set_aside.is_file():
+            damaged = _set_aside_name(state.set_aside)
+            state.set_aside.replace(damaged)
+            print(f"moved the damaged {state.set_aside.name} aside as {damaged.name}")
+        state.set_aside = None
+    for old in state.stale:  # a finished run's, when this run trains anew: never a fallback for this one
+        old.unlink(missing_ok=True)
+    state.stale = []
     previous = state.checkpoint_step
     if previous is not None and previous < state.step and state.cfg.keep_checkpoints > 1 and path.is_file():
         path.replace(out / f"checkpoint-{previous:08d}.pt")
@@ -349,7 +541,8 @@ def micro_loss(state: TrainState, batch: Batch, text: TextTable, posterior: bool
         x0 = x0.contiguous(memory_format=torch.channels_last)
     with state.autocast():
         return diffusion_loss(state.model, x0, cond, weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma,
-                              generator=gen if state.device.type == "cpu" else None, forward=state.forward).mean()
+                              generator=gen if state.device.type == "cpu" else None, forward=state.forward,
+                              offset_noise=cfg.offset_noise).mean()
 
 
 def train_step(state: TrainState, micro_batches: list[Batch], text: TextTable, posterior: bool
@@ -377,6 +570,7 @@ def train_step(state: TrainState, micro_batches: list[Batch], text: TextTable, p
     # EMA warms up so the average is not dominated by the random initialisation
     ema_update(state.ema, state.model, min(state.cfg.ema_decay, (1 + state.step) / (10 + state.step)))
     state.step += 1
+    state.images_seen += sum(b.x0.shape[0] for b in micro_batches) * state.dist.world  # every rank's equal share
     state.positions[micro_batches[-1].worker] = micro_batches[-1].position
     return total, grad_norm
 
@@ -434,7 +628,8 @@ class Monitor:
         wall = now - self.t_log
         out = {"loss": float(loss), "lr": self.state.sched.get_last_lr()[0], "grad_norm": float(self.grad_norm),
                "img_per_s": self.seen / (now - self.t_start), "data_wait_fraction": self.wait / wall if wall > 0 else 0.0,
-               "epoch": self.state.positions[0].epoch}
+               "epoch": self.state.positions[0].epoch, "images_seen": self.state.images_seen,
+               "peak_memory_mb": peak_memory_mb(self.state.device)}
         self.loss_sum.zero_()
         self.n, self.wait, self.t_log = 0, 0.0, now
         return out
@@ -523,15 +718,18 @@ def export(state: TrainState, out: Path, summary: dict) -> None:
 
 def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_dir: str | Path, *,
           image_size: int, latent: LatentSpec | None = None, logger: TrainLogger | None = None, grid_fn=None,
-          progress: bool = True, val_urls: list[str] | None = None) -> Path:
-    """Train for ``cfg.steps`` steps (resuming from out_dir/checkpoint.pt if its config matches).
+          progress: bool = True, val_urls: list[str] | None = None, init: warm_start.Parent | None = None,
+          buckets: list[tuple[int, int]] | None = None) -> Path:
+    """Train for ``cfg.steps`` steps (resuming from out_dir's newest intact checkpoint: ``resume``).
 
     ``shard_urls`` are image shards, or latent shards with ``latent`` saying which latent space
     (the latents stage); ``image_size`` is the side of the images the model produces.
     ``grid_fn(denoiser, step) -> PIL.Image`` may render a sample grid at the end for the logger
     (as sample_grid.png), and every ``train.sample_every`` steps before it (as
     train_samples/step_<step>.png). ``val_urls`` (the val split's shards, of the same kind as
-    ``shard_urls``) feed ``val_loss`` every ``train.val_every`` steps (``Validation``).
+    ``shard_urls``) feed ``val_loss`` every ``train.val_every`` steps (``Validation``); ``init``: build_state's.
+    ``buckets``: the (width, height) aspect buckets of bucketed shards (ingest.resize_mode bucket):
+    each batch comes from one bucket, and model.json lists them (the sizes generation accepts).
     Under torchrun, call it on every rank: rank 0 logs and writes. Returns the directory holding
     model.safetensors and model.json.
     """
@@ -543,7 +741,14 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
     d = distributed.setup(device)
     device = distributed.device_for(device, d)
     logger = logger if logger is not None and d.main else NullLogger()
-    state = build_state(cfg, table, image_size, latent, device, d)
+    if d.main and (warning := objective_warning(cfg)):
+        print(warning)
+    reset_peak_memory(device)  # peak_memory_mb: this run's peak, from here
+    if buckets:
+        check_denoiser_fits(cfg, buckets, image_size // latent.size if latent else 1)
+    state = build_state(cfg, table, image_size, latent, device, d, init)
+    if buckets:  # before resume: a checkpoint of other buckets is another trajectory
+        state.meta["buckets"] = [list(b) for b in buckets]
     resume(state, out)
     logger.log_metrics({"params_millions": count_params(state.model.net) / 1e6}, state.step)
 
@@ -561,17 +766,25 @@ def train(cfg: TrainConfig, shard_urls: list[str], table: EmbeddingTable, out_di
         bar.update(1)
         _after_step(state, out, monitor, logger, bar, grid_fn, val)
     bar.close()
+    _finish(state, out, monitor, logger, grid_fn, val)
+    distributed.teardown(d)
+    return out
+
+
+def _finish(state: TrainState, out: Path, monitor: Monitor, logger: TrainLogger, grid_fn,
+            val: Validation | None) -> None:
+    """The run's summary (time, throughput, peak memory) logged, and on rank 0 the export and the
+    final sample grid."""
     elapsed = time.perf_counter() - monitor.t_start
-    summary = {"train_seconds": elapsed, "train_img_per_s": monitor.seen / elapsed if elapsed > 0 else 0.0}
+    summary = {"train_seconds": elapsed, "train_img_per_s": monitor.seen / elapsed if elapsed > 0 else 0.0,
+               "peak_memory_mb": peak_memory_mb(state.device)}
     if val is not None:
         summary["val_seconds"] = val.seconds
-    if d.main:
+    if state.dist.main:
         logger.log_metrics(summary, state.step)
         export(state, out, summary)
         if grid_fn is not None:
             logger.log_image(preview(state, grid_fn), "sample_grid.png")
-    distributed.teardown(d)
-    return out
 
 
 def _inputs(state: TrainState, shard_urls: list[str], table: EmbeddingTable,
@@ -581,7 +794,8 @@ def _inputs(state: TrainState, shard_urls: list[str], table: EmbeddingTable,
     train.unseen_words is set but the table holds no word vectors to draw from."""
     cfg, device, d = state.cfg, state.device, state.dist
     per_forward = cfg.batch_size // (d.world * cfg.grad_accum)
-    spec = DataSpec(shard_urls, cfg.seed, cfg.shuffle_buffer, per_forward, d.rank, d.world, cfg.data_workers, latent)
+    spec = DataSpec(shard_urls, cfg.seed, cfg.shuffle_buffer, per_forward, d.rank, d.world, cfg.data_workers, latent,
+                    buckets=bool(state.meta.get("buckets")))
     data = batch_loader(spec, table, state.positions, pin_memory=device.type == "cuda")
     text = TextTable.of(table, device)
     if d.main:

@@ -10,12 +10,17 @@ a part reads every shard. The stream never ends (epoch after epoch), so every ra
 Each batch carries the worker it came from and that worker's stream position after it; the loop
 keeps the latest position of every worker and a checkpoint stores them all, so a rerun restarts
 each worker's stream where it stood (no sample repeated or skipped).
+
+Shards ingested with aspect buckets (ingest.resize_mode bucket) are batched one bucket at a time
+(``bucket_batches``, ``DataSpec.buckets``): every batch holds images of one size, per rank and per
+worker, and the position still restores exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -106,6 +111,58 @@ def batches(stream: ShardStream, table: EmbeddingTable, batch_size: int, latent:
         yield Batch(x, rows, dataclasses.replace(stream.position), std, worker)
 
 
+def bucket_batches(stream: ShardStream, table: EmbeddingTable, batch_size: int, latent: LatentSpec | None = None,
+                   worker: int = 0) -> Iterator[Batch]:
+    """``batches`` for aspect-bucketed shards (ingest.resize_mode bucket): every batch holds
+    ``batch_size`` samples of one bucket (one image size).
+
+    The worker's stream fills a pending list per bucket, in stream order, and a batch leaves as
+    soon as its bucket's list is full; the batch's position is the stream's (epoch, offset), the
+    offset counting every input sample consumed, pending ones included. Partial lists left at the
+    end of an epoch are dropped (a different few each epoch, as the shuffle moves them), so the
+    pending lists at a position depend only on that epoch up to it: a resume replays the epoch
+    from its start (reading only each sample's size from its metadata, decoding nothing) to
+    rebuild them, then goes on exactly as the uninterrupted stream would.
+    """
+    while True:
+        pos = stream.position
+        pending: dict[tuple[int, int], list[dict]] = {}
+        emitted = seen = 0
+        for i, raw in enumerate(stream._epoch(pos.epoch)):
+            seen += 1
+            size = sample_size(raw)
+            group = pending.setdefault(size, [])
+            group.append(raw)
+            if len(group) < batch_size:
+                continue
+            del pending[size]
+            if i < pos.offset:  # replaying up to the resumed position: this batch was trained on
+                continue
+            stream.position = DataPosition(pos.epoch, i + 1)
+            emitted += 1
+            x, std, rows = stack_samples([decode_sample(r) for r in group], table, latent)
+            yield Batch(x, rows, dataclasses.replace(stream.position), std, worker)
+        if seen == 0:
+            raise MissingInputError(f"training shards hold no samples: {stream.urls[:2]}...")
+        if emitted == 0 and pos.offset == 0:
+            counts = ", ".join(f"{w}x{h}: {len(g)}" for (w, h), g in sorted(pending.items()))
+            raise MissingInputError(f"no bucket holds a batch of {batch_size} samples in this data part ({counts}): "
+                                    "lower train.batch_size or train.data_workers, or ingest more images")
+        stream.position = DataPosition(pos.epoch + 1, 0)
+
+
+def sample_size(raw: dict) -> tuple[int, int]:
+    """An undecoded sample's (width, height) as ingest recorded it in its metadata (no pixel decoded);
+    a sample without them is decoded and its image's (or its latent's) own size is the key."""
+    if "json" in raw:
+        meta = json.loads(raw["json"])
+        if "width" in meta and "height" in meta:
+            return int(meta["width"]), int(meta["height"])
+    s = decode_sample(raw)
+    a = s["image"] if "image" in s else s["mean"].transpose(1, 2, 0)
+    return int(a.shape[1]), int(a.shape[0])
+
+
 def stack_samples(samples: list[dict], table: EmbeddingTable, latent: LatentSpec | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Decoded samples -> (x0 (B, C, H, W): images in [-1, 1] or scaled latent means, the latents'
@@ -125,8 +182,14 @@ def first_samples(urls: list[str], table: EmbeddingTable, n: int, latent: Latent
     samples = list(itertools.islice(iter_samples(urls), n))
     if not samples:
         return None
+    # aspect buckets: the samples of the first one's size (a held-out batch has one image size)
+    samples = [s for s in samples if _shape(s) == _shape(samples[0])]
     x, _, rows = stack_samples(samples, table, latent)
     return x, rows
+
+
+def _shape(sample: dict) -> tuple[int, ...]:
+    return sample["image"].shape if "image" in sample else sample["mean"].shape
 
 
 @dataclass
@@ -141,6 +204,12 @@ class DataSpec:
     world: int = 1
     workers: int = 1  # DataLoader worker processes; 0: decode in the training process
     latent: LatentSpec | None = None
+    buckets: bool = False  # aspect-bucketed shards: each batch from one bucket (``bucket_batches``)
+
+    def batches(self, worker: int, position: DataPosition | None, table: EmbeddingTable) -> Iterator[Batch]:
+        """Worker ``worker``'s batches from ``position`` on."""
+        make = bucket_batches if self.buckets else batches
+        return make(self.stream(worker, position), table, self.batch_size, self.latent, worker)
 
     def stream(self, worker: int, position: DataPosition | None) -> ShardStream:
         k = max(1, self.workers)
@@ -161,14 +230,14 @@ class BatchStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         w = info.id if info is not None else 0
-        return batches(self.spec.stream(w, self.positions[w]), self.table, self.spec.batch_size, self.spec.latent, w)
+        return self.spec.batches(w, self.positions[w], self.table)
 
 
 def batch_loader(spec: DataSpec, table: EmbeddingTable, positions: list[DataPosition], *,
                  pin_memory: bool = False) -> Iterator[Batch]:
     """Endless batches for one rank, resumed at ``positions`` (one per worker)."""
     if spec.workers == 0:
-        return batches(spec.stream(0, positions[0]), table, spec.batch_size, spec.latent)
+        return spec.batches(0, positions[0], table)
     loader = torch.utils.data.DataLoader(BatchStream(spec, table, positions), batch_size=None,
                                          num_workers=spec.workers, prefetch_factor=4, persistent_workers=False,
                                          pin_memory=pin_memory, worker_init_fn=one_thread)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from diffusion.artifacts import DUPLICATES, SPLITS, STATS, index_file
 from diffusion.config import DatasetConfig, IngestConfig
+from diffusion.data.buckets import bucket_set
 from diffusion.data.ingest.core import REASONS, ProcessedImage, Rejected
 from diffusion.data.ingest.decode import clean_caption, content_hash, process_image
 from diffusion.data.ingest.sources import RawItem, SourceSpec, Unit, plan, read
@@ -206,6 +207,9 @@ def settings_fingerprint(spec: SourceSpec) -> str:
     for k in ("workers", "task_runner", "dask_address"):
         cfg.pop(k)
     cfg["download"].pop("concurrency")
+    if cfg["resize_mode"] != "bucket":  # unused then: outputs ingested before these keys existed stay current
+        cfg.pop("buckets")
+        cfg.pop("bucket_step")
     extra = dataclasses.asdict(spec.dataset) if spec.kind == "builtin" and spec.dataset else None
     # version 2: unit records list their dropped duplicates, samples record alpha_flattened
     return json.dumps({"kind": spec.kind, "ingest": cfg, "dataset": extra, "version": 2}, sort_keys=True)
@@ -320,6 +324,8 @@ class Committer:
                   "accepted": {s: accepted.get(s, 0) for s in SPLITS},
                   "rejected": {k: rejected[k] for k in REASONS if rejected.get(k)},
                   "captions_replaced": result.captions_replaced, "shards": shards, "duplicates": duplicates}
+        if self.cfg.resize_mode == "bucket":  # samples per split and bucket ("<width>x<height>")
+            record["buckets"] = _bucket_counts(rows)
         _write_if_changed(self._record_path(result.index), json.dumps(record, indent=1).encode())  # last: commits
         return record
 
@@ -343,6 +349,11 @@ class Committer:
             "splits": splits,
             "units": [{k: r[k] for k in ("unit", "items", "accepted", "rejected", "shards")} for r in records],
         }
+        if extra.get("resize_mode") == "bucket":  # not the built-in set, drawn square
+            stats["buckets"] = [list(b) for b in bucket_set(self.cfg)]
+            stats["bucket_counts"] = {s: dict(sorted(sum((collections.Counter(r.get("buckets", {}).get(s, {}))
+                                                          for r in records), collections.Counter()).items()))
+                                      for s in SPLITS}
         for split in SPLITS:
             self._merge_index(split)
         self._write_duplicates([d for r in records for d in r["duplicates"]])
@@ -374,6 +385,15 @@ class Committer:
             tmp.unlink()
         else:
             os.replace(tmp, path)
+
+
+def _bucket_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """Index rows -> {split: {"<width>x<height>": samples}}, from each row's meta."""
+    counts: dict[str, collections.Counter] = {s: collections.Counter() for s in SPLITS}
+    for r in rows:
+        meta = json.loads(r["meta"])
+        counts[r["split"]][f"{meta['width']}x{meta['height']}"] += 1
+    return {s: dict(c) for s, c in counts.items()}
 
 
 # --------------------------------------------------------------------------------------------

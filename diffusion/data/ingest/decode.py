@@ -20,6 +20,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from diffusion.config import IngestConfig
+from diffusion.data.buckets import bucket_set, cover_box, nearest_bucket
 from diffusion.data.ingest.core import ProcessedImage, Rejected
 from diffusion.data.shards import encode_image
 
@@ -87,11 +88,15 @@ def draft_size(w: int, h: int, cfg: IngestConfig) -> tuple[int, int]:
     shorter // n: the shorter side stays >= n, which center_crop needs. For pad and keep_ratio only
     the longer side must stay >= n: ask for n along it and 1 along the shorter side, which bounds s
     by longer // n (the shorter side then shrinks by the same factor as the final resize, or less).
-    Both depend only on which side is shorter, so EXIF rotation does not matter.
+    Both depend only on which side is shorter, so EXIF rotation does not matter. For bucket, ask for
+    m x m (m: the largest side of any bucket): both sides stay >= what any bucket's cover needs.
     """
     n = cfg.image_size
     if cfg.resize_mode == "center_crop":
         return n, n
+    if cfg.resize_mode == "bucket":  # the largest bucket side along both: covers any bucket either way round
+        m = max(max(b) for b in bucket_set(cfg))
+        return m, m
     return (n, 1) if w >= h else (1, n)
 
 
@@ -166,9 +171,13 @@ def _decode(data: bytes, cfg: IngestConfig) -> tuple[Image.Image, tuple[int, int
 
 
 def resize(img: Image.Image, cfg: IngestConfig) -> Image.Image:
-    """Scale an RGB image for cfg.resize_mode (center_crop | pad | keep_ratio); upscaling is allowed."""
+    """Scale an RGB image for cfg.resize_mode (center_crop | pad | keep_ratio | bucket); upscaling is allowed."""
     n = cfg.image_size
     w, h = img.size
+    if cfg.resize_mode == "bucket":
+        # the nearest bucket by aspect ratio, covered: only the aspect difference is cropped, centred
+        bucket = nearest_bucket(w, h, bucket_set(cfg))
+        return img.resize(bucket, Image.Resampling.LANCZOS, box=cover_box(w, h, bucket), reducing_gap=3.0)
     if cfg.resize_mode == "center_crop":
         # Resizing the centred square box in one step is scale-shorter-side-then-crop without
         # rounding the intermediate size.
