@@ -5,6 +5,8 @@
 # data/judge (make run). Usage: bench/warm_start_figure.sh [OUT] [PARENT]
 #   OUT     working folder (default /tmp/warm_start_figure); finished runs are skipped on a rerun
 #   PARENT  what init_from names (default data/model; or models:/t2i-shapes@champion)
+# RUNS="warm:100 lora:300 scratch:300 ..." picks the runs: warm = all weights from PARENT, lora =
+# train.lora.rank 8 on PARENT (the adapter alone trains), scratch = from the seed.
 # Prints one line per run: start, steps, train seconds, adherence all / seen / held_out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +21,10 @@ mkdir -p "$O"
 [ -d "$O/emb" ] || $T embed --shards "$O/shards" --out "$O/emb" "${P[@]}"
 for run in $RUNS; do
   kind=${run%%:*}; n=${run##*:}; d="$O/$kind-$n"
-  init=null; [ "$kind" = warm ] && init=$PARENT
+  init=null; extra=(); [ "$kind" != scratch ] && init=$PARENT
+  [ "$kind" = lora ] && extra=(-s train.lora.rank=8)
   if [ ! -f "$d/metrics.json" ]; then
-    $T train --shards "$O/shards" --embeddings "$O/emb" --out "$d/model" "${P[@]}" -s train.steps="$n" -s train.init_from="$init"
+    $T train --shards "$O/shards" --embeddings "$O/emb" --out "$d/model" "${P[@]}" -s train.steps="$n" -s train.init_from="$init" "${extra[@]}"
     $T sample --shards "$O/shards" --model "$d/model" --out "$d/samples" "${P[@]}"
     $T evaluate --samples "$d/samples" --judge data/judge --model "$d/model" --shards "$O/shards" --metrics "$d/metrics.json" "${P[@]}"
   fi
