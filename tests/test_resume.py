@@ -114,6 +114,16 @@ def test_changed_settings_are_refused_in_one_line_naming_each_change(tiny_params
         refused(cfg, expected)
         path.write_bytes(written)
 
+    # a checkpoint written before train keys existed held their defaults: it still resumes (these
+    # keys at their defaults; a key at another value would be a change)
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("lora", "offset_noise", "zero_terminal_snr", "init_from"):
+        ckpt["meta"]["train"].pop(key)
+    ckpt["meta"]["train"]["unet"].pop("ctx_dim")
+    torch.save(ckpt, path)
+    before = files(out)
+    refused(replace(cfg, offset_noise=0.1), "train.offset_noise 0.0 -> 0.1")
+
     # bookkeeping keys still resume (and so does the checkpoint, untouched by the refusals)
     run(replace(cfg, log_every=3, keep_checkpoints=1), data, out)
     assert torch.load(path, weights_only=True)["step"] == 12

@@ -302,9 +302,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _with_defaults(written: dict, defaults: dict) -> dict:
+    """``written`` (a checkpoint's train settings) with the keys it lacks taken from ``defaults``, nested."""
+    out = dict(written)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_defaults(out[k], v)
+    return out
+
+
 def trajectory_changes(old: dict, new: dict) -> list[str]:
     """The settings that differ between two checkpoints' ``meta``, one "key old -> new" each
     (train keys dotted, e.g. ``train.lora.rank 4 -> 8``; the text fingerprint by its id)."""
+    # a train key added to the project since the checkpoint was written held its default then
+    old = {**old, "train": _with_defaults(old["train"], to_dict(TrainConfig()))}
     a, b = _flat(_trajectory(old)), _flat(_trajectory(new))
     missing = "(unset)"
     changes = []
