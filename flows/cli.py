@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from typing import Callable
@@ -397,12 +398,30 @@ def _threads() -> None:
         raise T2IError(str(e)) from None
 
 
+def quiet_expected_errors() -> None:
+    """Log records of a ``T2IError`` lose their traceback. Prefect logs a failed task's and flow's
+    exception with its traceback; ours are the user's mistakes or refusals, already said in one
+    line (and printed once more as ``t2i: error: ...``), so the console shows those lines only.
+    Any other exception keeps its traceback. Done at record creation, so it holds whatever
+    handlers Prefect sets up later."""
+    make = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = make(*args, **kwargs)
+        if record.exc_info and isinstance(record.exc_info[1], T2IError):
+            record.exc_info = None
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     # the temporary Prefect API would otherwise try to phone home (and log an error offline)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     threads.set_wait_policy()  # before anything imports torch (diffusion.threads)
     _Stop.install()
+    quiet_expected_errors()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     args.argv = argv

@@ -63,3 +63,40 @@ def test_summary_before_any_run(project):
     r = t2i("summary", cwd=project)
     assert r.returncode == 0, r.stderr
     assert "not produced yet" in r.stdout and "mlflow ui --backend-store-uri sqlite:///mlflow.db" in r.stdout
+
+
+def test_a_refusal_inside_a_stage_is_logged_without_a_traceback(tmp_path):
+    """A T2IError raised inside a Prefect task (here: a resume refused) is logged by Prefect as a
+    failed task and flow; those log lines carry no traceback, while another exception keeps its own."""
+    code = r'''
+import logging, sys
+from flows.cli import quiet_expected_errors
+from diffusion.errors import T2IError
+from prefect import flow, task
+
+quiet_expected_errors()
+
+@task
+def refuse():
+    raise T2IError("checkpoint.pt was written with other settings: train.batch_size 16 -> 8")
+
+@flow
+def stage():
+    refuse()
+
+try:
+    stage()
+except T2IError:
+    pass
+try:
+    raise ValueError("not ours")
+except ValueError:
+    logging.getLogger("other").exception("boom")
+'''
+    env = {**os.environ, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == 0, r.stderr
+    err = r.stderr
+    assert "train.batch_size 16 -> 8" in err and "Failed" in err  # Prefect did log the failure
+    assert err.count("Traceback") == 1 and "ValueError: not ours" in err  # only the other exception's
