@@ -47,17 +47,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from machine import cpu_name  # noqa: E402
 
 
-def rss_mb() -> float:
-    """This process' resident set now (Linux), in MiB; 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
 def train_config(args, arch: str, rank: int):
     """params.yaml's train section for one configuration (the size preset applied by the parser)."""
     import dataclasses
@@ -72,53 +61,21 @@ def train_config(args, arch: str, rank: int):
 
 def child(args) -> dict:
     """One configuration, in this process: time the steps, read the peak, write one checkpoint."""
-    import torch
-
-    from train_bench import make_batches, synthetic_table, text_dims
+    from memory_bench import timed_training
 
     from diffusion.models.unet import count_params
-    from diffusion.training.distributed import Dist
-    from diffusion.training.train import (TextTable, build_state, peak_memory_mb, reset_peak_memory,
-                                          save_checkpoint, train_step)
+    from diffusion.training.train import save_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     p, cfg = train_config(args, args.child_arch, args.child_rank)
-    text_dim, pooled_dim, layer = text_dims(p.embed)
-    table = synthetic_table(256, args.tokens, text_dim, pooled_dim, args.seed, {"layer": layer, "model": p.embed.model})
-    batches = make_batches(4, args.batch, args.size_px, 256, args.seed, pin=device.type == "cuda")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated(device) / 2**20
-    else:
-        before = rss_mb()
-    reset_peak_memory(device)
-    state = build_state(cfg, table, args.size_px, None, device, Dist())
-    state.model.train()
-    text = TextTable.of(table, device)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        loss, _ = train_step(state, [batches[i % len(batches)]], text, False)
-        float(loss)  # waits for the step
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    sync()
-    peak = peak_memory_mb(device)
+    run = timed_training(args, p, cfg)
+    state, peak, before = run["state"], run["peak"], run["before"]
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(state, Path(tmp))
         ckpt_mb = sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
     trainable = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
     return {"arch": args.child_arch, "rank": args.child_rank, "params_millions": count_params(state.model.net) / 1e6,
-            "trainable_millions": trainable / 1e6, "step_ms": 1000 * statistics.median(times), "peak_mb": peak,
-            "before_mb": before, "training_mb": peak - before, "checkpoint_mb": ckpt_mb, "loss": float(loss)}
+            "trainable_millions": trainable / 1e6, "step_ms": 1000 * statistics.median(run["times"]), "peak_mb": peak,
+            "before_mb": before, "training_mb": peak - before, "checkpoint_mb": ckpt_mb, "loss": run["loss"]}
 
 
 def run_child(args, arch: str, rank: int) -> dict:

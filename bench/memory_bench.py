@@ -70,20 +70,21 @@ def train_config(args, arch: str, checkpointing: bool):
     return p, cfg
 
 
-def child(args) -> dict:
-    """One configuration, in this process: time the steps and read the peak."""
+def timed_training(args, p, cfg) -> dict:
+    """Build the training state of ``cfg`` on synthetic data and time ``args.warmup + args.steps``
+    steps in this process (``bench/lora_bench.py`` shares it): the state, a batch and the text table
+    for further reads, the step times after the warm-up, the memory in use before the state was
+    built and the peak since (``train.peak_memory_mb``), and the last loss."""
     import torch
 
     from train_bench import make_batches, synthetic_table, text_dims
 
-    from diffusion.models.unet import count_params
     from diffusion.training.distributed import Dist
     from diffusion.training.train import TextTable, build_state, peak_memory_mb, reset_peak_memory, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    p, cfg = train_config(args, args.child_arch, args.child_checkpointing)
     text_dim, pooled_dim, layer = text_dims(p.embed)
     table = synthetic_table(256, args.tokens, text_dim, pooled_dim, args.seed, {"layer": layer, "model": p.embed.model})
     batches = make_batches(4, args.batch, args.size_px, 256, args.seed, pin=device.type == "cuda")
@@ -110,12 +111,22 @@ def child(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     sync()
-    peak = peak_memory_mb(device)
-    kept = kept_for_backward_mb(state, batches[0], text)
+    return {"state": state, "batch": batches[0], "text": text, "times": times, "before": before,
+            "peak": peak_memory_mb(device), "loss": float(loss)}
+
+
+def child(args) -> dict:
+    """One configuration, in this process: time the steps and read the peak."""
+    from diffusion.models.unet import count_params
+
+    p, cfg = train_config(args, args.child_arch, args.child_checkpointing)
+    run = timed_training(args, p, cfg)
+    state, peak, before = run["state"], run["peak"], run["before"]
+    kept = kept_for_backward_mb(state, run["batch"], run["text"])
     return {"arch": args.child_arch, "grad_checkpointing": args.child_checkpointing,
             "params_millions": round(count_params(state.model.net) / 1e6, 2),
-            "step_ms": 1000 * statistics.median(times), "peak_mb": peak, "before_mb": before,
-            "training_mb": peak - before, "kept_mb": kept, "loss": float(loss)}
+            "step_ms": 1000 * statistics.median(run["times"]), "peak_mb": peak, "before_mb": before,
+            "training_mb": peak - before, "kept_mb": kept, "loss": run["loss"]}
 
 
 def kept_for_backward_mb(state, batch, text) -> float:
