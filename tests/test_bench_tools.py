@@ -299,3 +299,33 @@ def test_prompt_sheet_puts_each_prompts_real_image_beside_its_draws(tiny_params,
     assert sheet.shape[1] == 3 * cell + 8
     real, missing = sheet[8:8 + 96, 8:8 + 96], sheet[8 + 96 + 52 + 8:8 + 96 + 52 + 8 + 96, 8:8 + 96]
     assert real.std() > 0 and (missing == 255).all()  # a real image, then a blank cell for the caption nobody has
+
+
+def test_model_probe_scores_seen_captions_and_x0_error_by_noise_level(tiny_params, tiny_model, tiny_shards,
+                                                                      tiny_embeddings, tmp_path):
+    """bench/model_probe.py: R-precision of the EMA's and the raw weights' draws of seen captions beside
+    the real images', and the EMA's x0 error at each noise level, growing with the noise."""
+    import yaml
+
+    from conftest import tiny_params_dict
+    from diffusion.artifacts import shard_urls
+    from diffusion.data.text import EmbeddingTable
+    from diffusion.evaluation.retrieval import build_retrieval
+
+    build_retrieval(tiny_params.retrieval, shard_urls(tiny_shards, "train"), shard_urls(tiny_shards, "val"),
+                    EmbeddingTable.load(tiny_embeddings), tmp_path / "judge" / "retrieval", progress=False)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict()))
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/model_probe.py"), "--model", str(tiny_model), "--raw",
+                        "--evaluator", str(tmp_path / "judge"), "--shards", str(tiny_shards), "--embeddings",
+                        str(tiny_embeddings), "--params", str(params), "--n", "12", "--x0-images", "8",
+                        "--sigmas", "0.05,2,80", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert [row["weights"] for row in rep["rows"]] == ["ema", "raw"]
+    assert all(0 <= v <= 1 for row in rep["rows"] for v in row["r_precision_seen"].values())
+    assert list(rep["real"]) == [str(tmp_path / "judge" / "retrieval")]
+    x0 = rep["rows"][0]["x0_mse"]
+    assert list(x0) == ["0.05", "2", "80"] and x0["0.05"] < x0["2"] < x0["80"]
+    assert "12 seen captions" in r.stdout and "R-precision seen" in r.stdout
