@@ -75,27 +75,40 @@ def x0_errors(denoiser, x0, cond, sigmas: list[float], seed: int = 0) -> dict[st
     return out
 
 
+def draw_seen(denoiser, ev: dict, scfg):
+    """One image per seen prompt of ``ev``, prompt i with seed ``scfg.seed + i`` (as the evaluate
+    stage and bench/quality_bench.py seed them)."""
+    from diffusion.sampling.generate import generate, table_cond
+
+    cond, uncond = table_cond(ev["table"], ev["prompts"])
+    return generate(denoiser, cond, uncond, [scfg.seed + i for i in range(len(ev["prompts"]))],
+                    ev["real"].shape[1], scfg)
+
+
+def seen_r_precision(evaluator, ev: dict, images) -> float:
+    """R-precision of ``images`` (one per seen prompt of ``ev``) with ``evaluator`` (a
+    ``load_retrieval`` pair), against its distractors from the validation captions."""
+    from diffusion.evaluation.retrieval import r_precision
+
+    model, info = evaluator
+    return r_precision(model, ev["table"], info["image_size"], images, ev["prompts"], ev["pool"],
+                       info["distractors"], info["seed"])["all"]["mean"]
+
+
 def probe_model(model_dir: str, raw: bool, ev: dict, evaluators: list, scfg, x0_set) -> dict:
     import torch
 
-    from diffusion.evaluation.retrieval import r_precision
     from diffusion.models.store import load_model
-    from diffusion.sampling.generate import generate, table_cond
 
     den, meta = load_model(model_dir)
     if raw:
         ckpt = torch.load(Path(model_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
         den.load_state_dict(ckpt["model"])
     t0 = time.perf_counter()
-    cond, uncond = table_cond(ev["table"], ev["prompts"])
-    images = generate(den, cond, uncond, [scfg.seed + i for i in range(len(ev["prompts"]))],
-                      ev["real"].shape[1], scfg)
+    images = draw_seen(den, ev, scfg)
     row = {"model": model_dir, "weights": "raw" if raw else "ema", "steps_done": meta.get("steps_done"),
-           "sample_seconds": round(time.perf_counter() - t0, 1), "r_precision_seen": {}}
-    for name, (model, info) in evaluators:
-        rp = r_precision(model, ev["table"], info["image_size"], images, ev["prompts"], ev["pool"],
-                         info["distractors"], info["seed"])
-        row["r_precision_seen"][name] = rp["all"]["mean"]
+           "sample_seconds": round(time.perf_counter() - t0, 1),
+           "r_precision_seen": {name: seen_r_precision(e, ev, images) for name, e in evaluators}}
     if not raw:
         x0, x_cond, sigmas = x0_set
         row["x0_mse"] = x0_errors(den, x0, x_cond, sigmas)
@@ -156,12 +169,7 @@ def main(argv=None) -> int:
     x0, x_cond, refs = x0_inputs(Path(args.shards), table, args.x0_images)
     scfg = sample_config(args)
     rows = []
-    real = {}
-    for name, (model, info) in evaluators:
-        from diffusion.evaluation.retrieval import r_precision
-
-        real[name] = r_precision(model, table, info["image_size"], ev["real"], ev["prompts"], ev["pool"],
-                                 info["distractors"], info["seed"])["all"]["mean"]
+    real = {name: seen_r_precision(e, ev, ev["real"]) for name, e in evaluators}
     print(f"cpu: {cpu_name()}; {len(ev['prompts'])} seen captions; sampler {scfg.sampler}, {scfg.steps} steps, "
           f"guidance {scfg.guidance_scale}; x0 references: {refs}")
     print("R-precision of the real images of these captions: "

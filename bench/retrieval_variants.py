@@ -88,20 +88,17 @@ def main(argv=None) -> int:
     from diffusion.config import load_params
     from diffusion.data.text import EmbeddingTable
     from diffusion.evaluation import retrieval
+    from model_probe import draw_seen, seen_r_precision
     from quality_bench import seen_eval_set
 
     params = load_params(args.params)
     table = EmbeddingTable.load(args.embeddings)
-    ev = seen_eval_set(Path(args.shards), table, args.n)
+    ev = {"table": table, **seen_eval_set(Path(args.shards), table, args.n)}
     drawn = None
     if args.model:
         from diffusion.models.store import load_model
-        from diffusion.sampling.generate import generate, table_cond
 
-        den, _ = load_model(args.model)
-        cond, uncond = table_cond(table, ev["prompts"])
-        scfg = params.sample
-        drawn = generate(den, cond, uncond, [scfg.seed + i for i in range(len(ev["prompts"]))], ev["real"].shape[1], scfg)
+        drawn = draw_seen(load_model(args.model)[0], ev, params.sample)
     print(f"cpu: {cpu_name()}; {len(ev['prompts'])} seen captions" + (f"; draws of {args.model}" if args.model else ""))
     plain = retrieval.light_noise
     for text in args.variant:
@@ -115,14 +112,10 @@ def main(argv=None) -> int:
                                             table, out, progress=False)
         finally:
             retrieval.light_noise = plain
-        model, info = retrieval.load_retrieval(out)
-
-        def rp(images):
-            return retrieval.r_precision(model, table, info["image_size"], images, ev["prompts"], ev["pool"],
-                                         info["distractors"], info["seed"])["all"]["mean"]
-
-        line = (f"{text}: val R-precision {val['r_precision']['mean']:.3f}, real seen {rp(ev['real']):.3f}"
-                + (f", generated seen {rp(drawn):.3f}" if drawn is not None else "")
+        evaluator = retrieval.load_retrieval(out)
+        line = (f"{text}: val R-precision {val['r_precision']['mean']:.3f}, "
+                f"real seen {seen_r_precision(evaluator, ev, ev['real']):.3f}"
+                + (f", generated seen {seen_r_precision(evaluator, ev, drawn):.3f}" if drawn is not None else "")
                 + f" ({time.perf_counter() - t0:.0f} s)")
         print(line, flush=True)
     return 0
