@@ -35,7 +35,8 @@ the weights and draws are those of a run without it), so first-call costs fall o
 Matched (the same for both): the data (each model its own ``diffusion.training.train_data``
 stream over the train shards, same seed and shuffle buffer, decoded in the training process
 (workers 0), so both see the same batches in the same order), the caption table, caption dropout
-and ``train.unseen_words`` (the loop's ``TextTable.training_cond``), the timestep draw U{0..T-1} and
+and ``train.unseen_words`` (the loop's ``TextTable.training_cond``), the timestep draw (train.timestep_sampling:
+U{0..T-1}, or the logit-normal, ``diffusion.models.loss.draw_timesteps`` for both) and
 the linear betas, the prediction target (train.prediction: diffusers' DDPMScheduler with
 ``prediction_type`` epsilon or v_prediction, target ``noise`` or ``get_velocity``) and the loss
 weighting (train.loss_weighting min_snr: diffusers' ``compute_snr``, weights min(SNR, gamma)/SNR

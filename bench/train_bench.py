@@ -464,6 +464,8 @@ class DiffusersTrainer:
         train_text_to_image.py draws and forward pass under the loop's autocast."""
         import torch
 
+        from diffusion.models.loss import draw_timesteps
+
         cond = self.text.training_cond(batch.rows, self.cfg, self.gen)  # the loop's own
         x0 = batch.x0.to(self.device, non_blocking=True)
         if self.channels_last:
@@ -472,7 +474,10 @@ class DiffusersTrainer:
             torch.autocast(self.device.type, dtype=self.amp_dtype)
         with ac:
             g = self.gen if self.device.type == "cpu" else None
-            t = torch.randint(0, self.cfg.timesteps, (x0.shape[0],), device=x0.device, generator=g)
+            # uniform: torch.randint as train_text_to_image.py; logit_normal: the recipe's draw (the
+            # logit-normal density of diffusers' SD3 scripts), from the same generator as ours
+            t = draw_timesteps(x0.shape[0], self.cfg.timesteps, x0.device, g, self.cfg.timestep_sampling,
+                               self.cfg.timestep_loc, self.cfg.timestep_scale)
             noise = torch.randn(x0.shape, device=x0.device, generator=g)
             return x0, noise, t, forward(self.scheduler.add_noise(x0, noise, t), t, cond)
 

@@ -438,6 +438,11 @@ class TrainConfig:
     # "none" is the seed's plain MSE; "min_snr" weights timesteps by min-SNR-gamma (Hang et al. 2023)
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0  # min_snr: w = min(SNR, gamma) / SNR (/ (SNR + 1) for v)
+    # the training timesteps: uniform over 0..T-1 (the seed's), or logit_normal (SD3, Esser et al.
+    # 2024): t = T * sigmoid(timestep_loc + timestep_scale * z), most steps on the middle noise levels
+    timestep_sampling: str = "uniform"
+    timestep_loc: float = 0.0  # logit_normal: > 0 shifts the steps to higher noise
+    timestep_scale: float = 1.0  # logit_normal: the spread (larger: more of both ends)
     # offset noise (Guttenberg 2023): training noise gets offset_noise x one extra normal draw per
     # image and channel, shared by all its pixels, so the model learns to move an image's mean
     # (darker, brighter images); 0: off (0.05-0.1 is usual); not in the held-out val_loss
@@ -504,6 +509,8 @@ class TrainConfig:
         if not 0 <= self.offset_noise <= 1:
             raise ConfigError(f"{key}.offset_noise must be in [0, 1] (0: off; 0.05-0.1 is usual), "
                               f"got {self.offset_noise}")
+        if not self.timestep_scale > 0:
+            raise ConfigError(f"{key}.timestep_scale must be > 0 (logit_normal's spread), got {self.timestep_scale}")
         if not self.lr > 0:
             raise ConfigError(f"{key}.lr must be > 0 (or null: the rate of {key}.size), got {self.lr}")
         if not 0 <= self.ema_decay < 1:
@@ -755,6 +762,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": ("cosine", "constant"),
     "train.prediction": ("eps", "v"),
     "train.loss_weighting": ("none", "min_snr"),
+    "train.timestep_sampling": ("uniform", "logit_normal"),
     "train.beta_schedule": ("linear", "scaled_linear"),
     "train.device": ("auto", "cpu", "cuda"),
     "embed.device": ("auto", "cpu", "cuda"),

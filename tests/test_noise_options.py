@@ -18,7 +18,7 @@ from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as di
 
 from diffusion.config import TrainConfig, UNetConfig, parse_section, to_dict
 from diffusion.errors import ConfigError
-from diffusion.models.loss import diffusion_loss, objective_warning
+from diffusion.models.loss import diffusion_loss, draw_timesteps, objective_warning
 from diffusion.models.precond import Denoiser
 from diffusion.models.schedules import (
     ZERO_SNR_ALPHABAR,
@@ -219,6 +219,42 @@ def test_offset_noise_off_draws_nothing_more_and_a_given_noise_is_not_offset():
 
 # -------------------------------------------------------------- params and saved models
 
+def test_logit_normal_timesteps_are_sd3s_draw_and_spend_the_steps_on_the_middle_levels():
+    # the draw itself: t = floor(T * sigmoid(loc + scale * z)) from the generator's normals
+    t = draw_timesteps(6, T, "cpu", torch.Generator().manual_seed(3), "logit_normal", 0.5, 2.0)
+    z = torch.randn(6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(t, (torch.sigmoid(0.5 + 2.0 * z) * T).long())
+    # uniform stays the seed's draw (randint from the same generator)
+    assert torch.equal(draw_timesteps(6, T, "cpu", torch.Generator().manual_seed(3)),
+                       torch.randint(0, T, (6,), generator=torch.Generator().manual_seed(3)))
+    n = 200_000
+    uniform = draw_timesteps(n, T, "cpu", torch.Generator().manual_seed(0)).float()
+    middle = draw_timesteps(n, T, "cpu", torch.Generator().manual_seed(0), "logit_normal").float()
+    later = draw_timesteps(n, T, "cpu", torch.Generator().manual_seed(0), "logit_normal", 1.0).float()
+    assert 0 <= middle.min() and later.max() <= T - 1
+    inner = lambda t: float(((t >= 250) & (t < 750)).float().mean())  # noqa: E731
+    assert inner(uniform) == pytest.approx(0.5, abs=0.01) and inner(middle) > 0.7  # P(|z| < logit(0.75)) = 0.73
+    assert abs(middle.mean() - (T - 1) / 2) < 5 and later.mean() > middle.mean() + 150
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        draw_timesteps(2, T, "cpu", None, "cosine")
+
+
+def test_the_loss_draws_its_timesteps_from_the_chosen_distribution():
+    # a fresh UNet outputs zero: as a v denoiser D(x) = x / (sigma^2 + 1), so on x0 = 0 the per-sample
+    # loss is mean(noise^2) / (sigma^2 + 1): it reads the level each sample was drawn at
+    den = Denoiser(identity_denoiser().net, prediction="v")
+    x0, c = torch.zeros(4, 3, 8, 8), cond(4)
+    with torch.no_grad():
+        got = diffusion_loss(den, x0, c, generator=torch.Generator().manual_seed(7), timesteps="logit_normal",
+                             loc=2.0, scale=0.5)
+        uniform = diffusion_loss(den, x0, c, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    t = draw_timesteps(4, T, "cpu", g, "logit_normal", 2.0, 0.5)
+    noise = torch.randn(4, 3, 8, 8, generator=g)
+    want = noise.square().mean((1, 2, 3)) / (den.sigmas[t].float() ** 2 + 1)
+    assert torch.allclose(got, want, rtol=1e-5) and not torch.allclose(got, uniform, rtol=1e-3)
+
+
 def test_params_check_the_new_keys_in_one_line():
     cfg = parse_section(TrainConfig, {"beta_schedule": "scaled_linear", "zero_terminal_snr": True,
                                       "offset_noise": 0.1, "prediction": "v"}, "train")
@@ -227,6 +263,8 @@ def test_params_check_the_new_keys_in_one_line():
     assert TrainConfig().offset_noise == 0
     for bad, message in [({"beta_schedule": "cosine"}, r"^train\.beta_schedule must be one of linear, scaled_linear"),
                          ({"offset_noise": -0.1}, r"^train\.offset_noise must be in \[0, 1\]"),
+                         ({"timestep_sampling": "cosine"}, r"^train\.timestep_sampling must be one of uniform, logit"),
+                         ({"timestep_scale": 0}, r"^train\.timestep_scale must be > 0"),
                          ({"zero_terminal_snr": True, "timesteps": 1},
                           r"^train\.zero_terminal_snr needs train\.timesteps >= 2")]:
         with pytest.raises(ConfigError, match=message) as e:

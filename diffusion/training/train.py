@@ -555,7 +555,8 @@ def micro_loss(state: TrainState, batch: Batch, text: TextTable, posterior: bool
     with state.autocast():
         return diffusion_loss(state.model, x0, cond, weighting=cfg.loss_weighting, gamma=cfg.min_snr_gamma,
                               generator=gen if state.device.type == "cpu" else None, forward=state.forward,
-                              offset_noise=cfg.offset_noise).mean()
+                              offset_noise=cfg.offset_noise, timesteps=cfg.timestep_sampling,
+                              loc=cfg.timestep_loc, scale=cfg.timestep_scale).mean()
 
 
 def train_step(state: TrainState, micro_batches: list[Batch], text: TextTable, posterior: bool
