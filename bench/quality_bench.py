@@ -369,6 +369,9 @@ def parse_args(argv=None):
     ap.add_argument("--embeddings", help="the embed stage's folder (EmbeddingTable)")
     ap.add_argument("--judge", help="the judge stage's folder (the retrieval evaluator in DIR/retrieval)")
     ap.add_argument("--params", help="params file: its train section is the recipe, its sample section the sampler")
+    ap.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a params override, as t2i's -s (repeatable): train.* is both models' recipe, "
+                         "train.unet.* also sizes ours (and so the matched diffusers UNet)")
     ap.add_argument("--smoke", action="store_true", help="tiny inputs made in a temp folder, a few steps (~1 min)")
     ap.add_argument("--chunk", type=int, default=None, help="steps a model trains per turn (default 100; smoke 4)")
     ap.add_argument("--max-steps", type=int, default=None, help="steps at most per model (default train.steps)")
@@ -399,7 +402,7 @@ def setup(args, paths: dict, device) -> dict:
     from diffusion.data.text import EmbeddingTable
     from diffusion.evaluation.retrieval import load_retrieval, r_precision
 
-    p = load_params(paths["params"])
+    p = load_params(paths["params"], args.set)
     cfg, notes = recipe(p, args)
     args.max_steps = args.max_steps or cfg.steps
     table = EmbeddingTable.load(art.require(paths["embeddings"], "embeddings", "embed"))

@@ -215,6 +215,37 @@ def test_unet_up_path_options_keep_the_shapes_and_cut_the_flops():
     assert [group_norm(ch).num_groups for ch in (12, 32, 48, 64, 96, 256)] == [4, 8, 16, 16, 32, 32]
 
 
+def test_unet_zero_init_starts_as_identity_or_reads_the_caption_from_step_zero():
+    """unet.zero_init true (ADM, the default): every residual branch's last layer and the output conv
+    are zero, so the untrained network outputs zero whatever the caption; false (diffusers' init):
+    those layers keep PyTorch's default draws and the caption moves the output from the first step.
+    Every other weight is the same draw either way (the option changes those layers only)."""
+    from diffusion.models.unet import Attention, ResBlock, TransformerBlock
+
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
+    c = Cond(torch.randn(2, 6, 32), torch.ones(2, 6, dtype=torch.bool), torch.randn(2, 8))
+    other = Cond(torch.randn(2, 6, 32), c.mask, c.pooled)  # other words, the same pooled vector
+    nets = {}
+    for zero_init in (True, False):
+        torch.manual_seed(0)
+        nets[zero_init] = net = UNet(UNetConfig(channels=16, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=2,
+                                                zero_init=zero_init), text_dim=32, pooled_dim=8)
+        last = [m.conv2 for m in net.modules() if isinstance(m, ResBlock)] + \
+               [m.out for m in net.modules() if isinstance(m, Attention)] + \
+               [m.mlp[-1] for m in net.modules() if isinstance(m, TransformerBlock)] + [net.out]
+        assert len(last) == 11 + 14 + 7 + 1  # ResNet blocks, attentions, MLPs, the output conv
+        assert all(bool((m.weight == 0).all()) == zero_init for m in last)
+        with torch.no_grad():
+            out, out_other = net(x, t, c), net(x, t, other)
+        assert bool((out == 0).all()) == zero_init
+        assert (not torch.allclose(out, out_other)) == (not zero_init)
+    zeroed = {n for n, m in nets[True].named_modules() if hasattr(m, "weight") and m.weight is not None
+              and bool((m.weight == 0).all())}
+    for name, w in nets[True].state_dict().items():
+        if name.rsplit(".", 1)[0] not in zeroed:
+            assert torch.equal(w, nets[False].state_dict()[name]), name
+
+
 def test_unet_ctx_dim_projects_the_caption_once_for_every_block():
     """ctx_dim: one projection of the caption tokens, every block's keys and values read its width;
     fewer FLOPs and parameters, the same contract, and padding still ignored (a masked-out token's

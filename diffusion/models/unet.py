@@ -82,8 +82,16 @@ def group_norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, ch)
 
 
+def zero_(layer: nn.Module, enabled: bool = True) -> None:
+    """Zero ``layer``'s weight and bias (a residual branch's last layer: the branch starts as
+    nothing, ADM's init); with ``enabled`` false keep PyTorch's default init (diffusers')."""
+    if enabled:
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
 class ResBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, zero_init: bool = True):
         super().__init__()
         self.norm1 = group_norm(c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -91,8 +99,7 @@ class ResBlock(nn.Module):
         self.norm2 = group_norm(c_out)
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
-        nn.init.zeros_(self.conv2.bias)
+        zero_(self.conv2, zero_init)  # each block starts as the identity
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -106,14 +113,13 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention from x (B, N, C) to ctx (B, M, C_ctx); self-attention when ctx is x."""
 
-    def __init__(self, dim: int, ctx_dim: int, heads: int):
+    def __init__(self, dim: int, ctx_dim: int, heads: int, zero_init: bool = True):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(ctx_dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        zero_(self.out, zero_init)
 
     def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
@@ -127,15 +133,14 @@ class Attention(nn.Module):
 class TransformerBlock(nn.Module):
     """Self-attention over positions, cross-attention to the caption tokens, MLP."""
 
-    def __init__(self, dim: int, ctx_dim: int, heads: int):
+    def __init__(self, dim: int, ctx_dim: int, heads: int, zero_init: bool = True):
         super().__init__()
         self.norm_in = group_norm(dim)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, dim, heads)
-        self.cross_attn = Attention(dim, ctx_dim, heads)
+        self.self_attn = Attention(dim, dim, heads, zero_init)
+        self.cross_attn = Attention(dim, ctx_dim, heads, zero_init)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
+        zero_(self.mlp[-1], zero_init)
 
     def forward(self, x: Tensor, cond: Cond) -> Tensor:
         b, c, h, w = x.shape
@@ -161,11 +166,12 @@ class UNet(nn.Module):
         self.ctx_proj = nn.Linear(text_dim, cfg.ctx_dim) if cfg.ctx_dim else nn.Identity()
         text_dim = cfg.ctx_dim or text_dim
         self.stem = nn.Conv2d(in_channels * p * p, widths[0], 3, padding=1)
+        z = cfg.zero_init  # zero each residual branch's last layer and the output (ADM) or not (diffusers)
 
         def level_blocks(c_in: int, c_out: int, level: int) -> nn.ModuleList:
-            mods = nn.ModuleList([ResBlock(c_in, c_out, emb_dim, cfg.dropout)])
+            mods = nn.ModuleList([ResBlock(c_in, c_out, emb_dim, cfg.dropout, z)])
             if level in cfg.attn_levels:
-                mods.append(TransformerBlock(c_out, text_dim, cfg.heads))
+                mods.append(TransformerBlock(c_out, text_dim, cfg.heads, z))
             return mods
 
         self.down = nn.ModuleList()
@@ -182,8 +188,8 @@ class UNet(nn.Module):
                 skips[-1].append(c)
             if lvl < len(widths) - 1:
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout), TransformerBlock(c, text_dim, cfg.heads),
-                                  ResBlock(c, c, emb_dim, cfg.dropout)])
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout, z), TransformerBlock(c, text_dim, cfg.heads, z),
+                                  ResBlock(c, c, emb_dim, cfg.dropout, z)])
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
         for lvl in reversed(range(len(widths))):
@@ -197,8 +203,7 @@ class UNet(nn.Module):
         self.levels = len(widths)
         self.out_norm = group_norm(c)
         self.out = nn.Conv2d(c, in_channels * p * p, 3, padding=1)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        zero_(self.out, z)
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enabled: bool) -> None:
