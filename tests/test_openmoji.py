@@ -194,4 +194,4 @@ def test_the_presets_load_and_set_the_source():
         assert (p.ingest.source, p.ingest.image_size, p.ingest.path) == ("openmoji", size, None)
         # the recipe chosen by measurement (docs/results.md, "OpenMoji at 32 px")
         assert p.ingest.dedupe and p.train.prediction == "v" and p.train.loss_weighting == "none"
-        assert p.train.timestep_sampling == "logit_normal" and p.train.unseen_words == 0
+        assert p.train.timestep_sampling == "logit_normal" and p.train.unseen_words == 0 and not p.train.unet.zero_init
