@@ -292,7 +292,7 @@ def recipe(p, args):
     return cfg, notes
 
 
-def build_runs(cfg, table, shards: Path, image_size: int, device, m: dict) -> list[Run]:
+def build_runs(cfg, table, shards: Path, image_size: int, device, m: dict, models=MODELS) -> list[Run]:
     from diffusion.training.train import adamw_kwargs
     from diffusion.training.train_data import DataPosition, DataSpec, batch_loader
     from diffusion import artifacts as art
@@ -303,12 +303,16 @@ def build_runs(cfg, table, shards: Path, image_size: int, device, m: dict) -> li
         spec = DataSpec(urls, cfg.seed, cfg.shuffle_buffer, cfg.batch_size, workers=0)
         return batch_loader(spec, table, [DataPosition()])
 
-    ours = LoopTrainer(cfg, table, image_size, device)
-    ours.state.ema.eval()
-    channels_last = device.type == "cuda" and cfg.channels_last
-    theirs = RecipeDiffusersTrainer(m, cfg.unet.patch, cfg, table, device, adamw_kwargs(cfg, device),
-                                    channels_last, cfg.compile)
-    runs = [Run("ours-unet", ours, data(), ours.state.ema), Run("diffusers-unet", theirs, data(), theirs.ema_denoiser())]
+    runs = []
+    if "ours-unet" in models:
+        ours = LoopTrainer(cfg, table, image_size, device)
+        ours.state.ema.eval()
+        runs.append(Run("ours-unet", ours, data(), ours.state.ema))
+    if "diffusers-unet" in models:
+        channels_last = device.type == "cuda" and cfg.channels_last
+        theirs = RecipeDiffusersTrainer(m, cfg.unet.patch, cfg, table, device, adamw_kwargs(cfg, device),
+                                        channels_last, cfg.compile)
+        runs.append(Run("diffusers-unet", theirs, data(), theirs.ema_denoiser()))
     first = next(data())  # a batch of the same stream, from its own iterator: the runs' streams are untouched
     for run in runs:
         run.warmup_s = warm_up(run, first, device)
@@ -338,6 +342,9 @@ def outcome(runs: list[Run], max_steps: int) -> dict:
                        "train_s_to_goal": r.reached["train_s"] if r.reached else None,
                        "best_r_precision": max((p["r_precision"] for p in r.curve), default=None),
                        "warmup_s": round(r.warmup_s, 3)}
+    if len(per) < len(MODELS):  # one model alone: its curve, no ratio
+        return {"models": per, "speedup": None, "speedup_kind": "one_model", "meets_goal": None,
+                "goal_speedup": GOAL_SPEEDUP, "max_steps": max_steps}
     o, d = per["ours-unet"], per["diffusers-unet"]
     if o["reached"] and d["reached"]:
         ratio, kind = d["train_s_to_goal"] / o["train_s_to_goal"], "exact"
@@ -372,6 +379,9 @@ def parse_args(argv=None):
     ap.add_argument("-s", "--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a params override, as t2i's -s (repeatable): train.* is both models' recipe, "
                          "train.unet.* also sizes ours (and so the matched diffusers UNet)")
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS),
+                    help="the models to train (default both); one alone probes a variant against an earlier "
+                         "run's curve of the other (the same seed draws the same data and timesteps)")
     ap.add_argument("--smoke", action="store_true", help="tiny inputs made in a temp folder, a few steps (~1 min)")
     ap.add_argument("--chunk", type=int, default=None, help="steps a model trains per turn (default 100; smoke 4)")
     ap.add_argument("--max-steps", type=int, default=None, help="steps at most per model (default train.steps)")
@@ -383,6 +393,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="JSON report; the curves go to the same path with .csv")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the exact command, in the report
+    args.models = [m for m in MODELS if m in args.models]  # the fixed order, once each
     if args.smoke:
         args.chunk = args.chunk or 4
         args.max_steps = args.max_steps or 8
@@ -472,13 +483,15 @@ def run(args, paths: dict) -> int:
           f"from {len(ev['pool'])} val captions; real R-precision {ev['real_rp']['mean']:.3f} (chance "
           f"{ev['real_rp']['chance']:.3f}); goal {ev['goal']:.3f} ({args.goal_fraction:g} x real)")
     sys.stdout.flush()
-    runs = build_runs(cfg, s["table"], Path(paths["shards"]), s["image_size"], device, m)
+    runs = build_runs(cfg, s["table"], Path(paths["shards"]), s["image_size"], device, m, args.models)
     take_turns(runs, ev, args, s["p"].sample, s["image_size"], device)
     res = outcome(runs, args.max_steps)
     print()
-    for name in MODELS:
+    for name in args.models:
         print(verdict_line(name, res["models"][name]))
-    if res["speedup"] is None:
+    if res["speedup_kind"] == "one_model":
+        print(f"time to goal, diffusers / ours: not measured (--models {args.models[0]} alone)")
+    elif res["speedup"] is None:
         print(f"time to goal, diffusers / ours: neither reached the goal in {args.max_steps} steps")
     else:
         bound = {"exact": "", "lower_bound": "at least ", "upper_bound": "at most "}[res["speedup_kind"]]

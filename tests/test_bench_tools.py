@@ -274,6 +274,12 @@ def test_quality_bench_trains_both_in_turns_and_reports_time_to_goal(tiny_shards
     assert all(m["reached"] and m["steps_to_goal"] == m["steps"] == 1 for m in res["models"].values())
     o, d = res["models"]["ours-unet"], res["models"]["diffusers-unet"]
     assert res["speedup_kind"] == "exact" and res["speedup"] == pytest.approx(d["train_s_to_goal"] / o["train_s_to_goal"])
+    # --models: one alone trains (its curve is the one it has beside the other: the same draws), no ratio
+    assert main([*base, "--chunk", "2", "--max-steps", "2", "--goal-fraction", "2", "--models", "ours-unet",
+                 "--out", str(out)]) == 0
+    alone = json.loads(out.read_text())
+    assert set(alone["curves"]) == {"ours-unet"} and alone["result"]["speedup_kind"] == "one_model"
+    assert alone["curves"]["ours-unet"][0]["loss"] == pytest.approx(rep["curves"]["ours-unet"][0]["loss"], rel=1e-5)
 
 
 def test_prompt_sheet_puts_each_prompts_real_image_beside_its_draws(tiny_params, tiny_model, tiny_shards, tmp_path):
