@@ -303,6 +303,10 @@ class UNetConfig:
     # (ADM); false: PyTorch's default init there, as diffusers' UNet2DConditionModel (learns
     # captions in fewer steps on OpenMoji: docs/results.md, "Time to quality against diffusers")
     zero_init: bool = True
+    # true: LayerNorm each attention head's queries and keys (learned scale and shift) before
+    # their dot product (QK-norm, as SD3 and ViT-22B), so the attention logits cannot grow with
+    # the weights; it reached the OpenMoji goal in fewer steps (docs/results.md)
+    qk_norm: bool = False
 
     @property
     def blocks_up(self) -> int:

@@ -246,6 +246,36 @@ def test_unet_zero_init_starts_as_identity_or_reads_the_caption_from_step_zero()
             assert torch.equal(w, nets[False].state_dict()[name]), name
 
 
+def test_unet_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    """unet.qk_norm: each head's queries and keys are LayerNormed, so scaling the query and key
+    projections (what lets attention logits grow in training) changes nothing; without it the
+    same scaling sharpens the attention and moves the output. Off, the network is the one it was:
+    the same weights, draw for draw, and no extra parameters."""
+    from diffusion.models.unet import Attention
+
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
+    c = Cond(torch.randn(2, 6, 32), torch.tensor([[True] * 6, [True] * 3 + [False] * 3]), torch.randn(2, 8))
+    nets = {}
+    for qk_norm in (False, True):
+        torch.manual_seed(0)
+        nets[qk_norm] = net = UNet(UNetConfig(channels=16, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=2,
+                                              zero_init=False, qk_norm=qk_norm), text_dim=32, pooled_dim=8)
+        with torch.no_grad():
+            before = net(x, t, c)
+            for m in net.modules():
+                if isinstance(m, Attention):
+                    m.q.weight.mul_(8.0)
+                    m.kv.weight[: m.kv.weight.shape[0] // 2].mul_(8.0)  # the keys' half (k, v are stacked)
+            after = net(x, t, c)
+        assert torch.allclose(before, after, atol=1e-4) == qk_norm
+    off, on = nets[False].state_dict(), nets[True].state_dict()
+    extra = set(on) - set(off)
+    assert set(off) <= set(on) and extra and all(".q_norm." in k or ".k_norm." in k for k in extra)
+    assert len(extra) == 4 * 14  # a weight and a bias for each of q and k, in each of the 14 attentions
+    for name, w in off.items():  # every other weight the same draw (both nets' q and k were scaled alike)
+        assert torch.equal(w, on[name]), name
+
+
 def test_unet_ctx_dim_projects_the_caption_once_for_every_block():
     """ctx_dim: one projection of the caption tokens, every block's keys and values read its width;
     fewer FLOPs and parameters, the same contract, and padding still ignored (a masked-out token's

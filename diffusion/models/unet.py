@@ -111,34 +111,37 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention from x (B, N, C) to ctx (B, M, C_ctx); self-attention when ctx is x."""
+    """Multi-head attention from x (B, N, C) to ctx (B, M, C_ctx); self-attention when ctx is x.
+    With ``qk_norm`` each head's queries and keys are LayerNormed before their dot product."""
 
-    def __init__(self, dim: int, ctx_dim: int, heads: int, zero_init: bool = True):
+    def __init__(self, dim: int, ctx_dim: int, heads: int, zero_init: bool = True, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(ctx_dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim, dim)
         zero_(self.out, zero_init)
+        self.q_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(dim // heads) if qk_norm else nn.Identity()
 
     def forward(self, x: Tensor, ctx: Tensor, mask: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
         q = self.q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
         k, v = self.kv(ctx).view(b, ctx.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)  # (B, h, M, d) each
         attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M): True = attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        y = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
         return self.out(y.transpose(1, 2).reshape(b, n, c))
 
 
 class TransformerBlock(nn.Module):
     """Self-attention over positions, cross-attention to the caption tokens, MLP."""
 
-    def __init__(self, dim: int, ctx_dim: int, heads: int, zero_init: bool = True):
+    def __init__(self, dim: int, ctx_dim: int, heads: int, zero_init: bool = True, qk_norm: bool = False):
         super().__init__()
         self.norm_in = group_norm(dim)
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.self_attn = Attention(dim, dim, heads, zero_init)
-        self.cross_attn = Attention(dim, ctx_dim, heads, zero_init)
+        self.self_attn = Attention(dim, dim, heads, zero_init, qk_norm)
+        self.cross_attn = Attention(dim, ctx_dim, heads, zero_init, qk_norm)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         zero_(self.mlp[-1], zero_init)
 
@@ -171,7 +174,7 @@ class UNet(nn.Module):
         def level_blocks(c_in: int, c_out: int, level: int) -> nn.ModuleList:
             mods = nn.ModuleList([ResBlock(c_in, c_out, emb_dim, cfg.dropout, z)])
             if level in cfg.attn_levels:
-                mods.append(TransformerBlock(c_out, text_dim, cfg.heads, z))
+                mods.append(TransformerBlock(c_out, text_dim, cfg.heads, z, cfg.qk_norm))
             return mods
 
         self.down = nn.ModuleList()
@@ -188,7 +191,8 @@ class UNet(nn.Module):
                 skips[-1].append(c)
             if lvl < len(widths) - 1:
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout, z), TransformerBlock(c, text_dim, cfg.heads, z),
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, cfg.dropout, z),
+                                  TransformerBlock(c, text_dim, cfg.heads, z, cfg.qk_norm),
                                   ResBlock(c, c, emb_dim, cfg.dropout, z)])
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
