@@ -48,7 +48,8 @@ steps, spacing, guidance, clipping); the diffusers UNet's EMA is put behind the 
 contract (``diffusion.models.precond.Denoiser`` around it: c_in x is exactly DDPMScheduler's x_t,
 and it reads the fractional timestep the sampler asks for) and sampled by the same call.
 
-Different: the networks (ours ``diffusion.models.unet.UNet``; diffusers' matched as
+Different: the networks (ours ``diffusion.models.unet.UNet``, with its own blocks: QK-norm and
+``train.unet.text_layers``' caption refiner where the params set them; diffusers' matched as
 bench/train_bench.py matches it, ``match_diffusers``: same levels, multipliers, attention levels,
 the 2x2-folded input, a base width whose parameter count is within 10%), and each side's step code
 (ours ``diffusion.training.train.train_step``; diffusers' the step of its training scripts, the

@@ -875,6 +875,9 @@ def main() -> int:
     if unet.blocks_up != unet.blocks_per_level + 1 or unet.upsample != "nearest_conv":
         notes.append(f"ours has up_blocks {unet.up_blocks} and upsample {unet.upsample}; diffusers' up path always has "
                      f"layers_per_block + 1 = {unet.blocks_per_level + 1} blocks a level and upsamples nearest, then conv")
+    if unet.text_layers:
+        notes.append(f"ours refines the caption tokens with {unet.text_layers} transformer layer(s) (train.unet.text_layers, "
+                     "counted in its parameters); diffusers' UNet reads them as given")
     dits = {}  # our DiTs' configs by model name
     if "dit" in arches:
         for name, (spec, d, n) in match_dits(t.dit, args.dit or [""], ours_params, text_dim, pooled_dim, cuda).items():

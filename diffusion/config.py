@@ -308,6 +308,10 @@ class UNetConfig:
     # the weights; on OpenMoji it drew the captions better (seen R-precision 75.0% against 71.1%;
     # docs/results.md), and the OpenMoji presets set it
     qk_norm: bool = False
+    # transformer layers over the caption's tokens (self-attention under the padding mask, then an
+    # MLP), run once before every cross-attention reads them: each word's state then depends on
+    # its neighbours in the caption (a context refiner); 0: the tokens as the embed stage wrote them
+    text_layers: int = 0
 
     @property
     def blocks_up(self) -> int:
@@ -325,6 +329,8 @@ class UNetConfig:
                               f"(or null), got {self.up_blocks}")
         if self.ctx_dim is not None and self.ctx_dim < 1:
             raise ConfigError(f"{key}.ctx_dim must be >= 1 (or null), got {self.ctx_dim}")
+        if self.text_layers < 0:
+            raise ConfigError(f"{key}.text_layers must be >= 0, got {self.text_layers}")
         for mult in self.channel_mult:
             if (self.channels * mult) % self.heads or (self.channels * mult) % 8:
                 raise ConfigError(f"{key}: every level width must divide by heads and by 8 (GroupNorm)")

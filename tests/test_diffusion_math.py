@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from diffusion.config import UNetConfig
+from diffusion.errors import ConfigError
 from diffusion.models.loss import diffusion_loss
 from diffusion.models.unet import Cond, UNet, count_params
 from diffusion.models.precond import Denoiser, GuidedDenoiser
@@ -274,6 +275,44 @@ def test_unet_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
     assert len(extra) == 4 * 14  # a weight and a bias for each of q and k, in each of the 14 attentions
     for name, w in off.items():  # every other weight the same draw (both nets' q and k were scaled alike)
         assert torch.equal(w, on[name]), name
+
+
+def test_unet_text_layers_give_each_word_its_captions_context_and_ignore_padding():
+    """unet.text_layers: transformer layers over the caption tokens before the cross-attentions.
+    Without them a word's state is its word vector alone (what the other words are does not reach
+    its keys and values); with them it is; a padded token changes nothing either way; the layers
+    add only their own parameters, and a caption width the heads do not divide is refused."""
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3.0, 700.0])
+    mask = torch.tensor([[True] * 4 + [False] * 2] * 2)
+    c = Cond(torch.randn(2, 6, 32), mask, torch.randn(2, 8))
+    nets, states = {}, {}
+    for n in (0, 1):
+        torch.manual_seed(0)
+        nets[n] = net = UNet(UNetConfig(channels=16, channel_mult=[1, 2, 2], attn_levels=[1, 2], heads=2,
+                                        zero_init=False, text_layers=n), text_dim=32, pooled_dim=8)
+        seen = []  # what the first cross-attention reads: the refined caption tokens
+        first = next(m for m in net.modules() if hasattr(m, "cross_attn")).cross_attn
+        hook = first.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+        with torch.no_grad():
+            base = net(x, t, c)
+            other = c.tokens.clone()
+            other[:, 1] = torch.randn(2, 32)  # another second word
+            word0 = net(x, t, Cond(other, mask, c.pooled))
+            pad = c.tokens.clone()
+            pad[:, 4:] = torch.randn(2, 2, 32) * 10  # other values under the padding
+            padded = net(x, t, Cond(pad, mask, c.pooled))
+        hook.remove()
+        states[n] = seen
+        assert torch.allclose(base, padded, atol=1e-5)  # padding is ignored, refiner or not
+        assert not torch.allclose(base, word0)  # a different caption: a different output
+    # the first word's state: its word vector alone without the refiner, its caption's with it
+    assert torch.allclose(states[0][0][:, 0], states[0][1][:, 0])
+    assert not torch.allclose(states[1][0][:, 0], states[1][1][:, 0], atol=1e-3)
+    assert torch.allclose(states[1][0][:, :4], states[1][2][:, :4], atol=1e-5)  # padding: no real word moves
+    off, on = nets[0].state_dict(), nets[1].state_dict()
+    assert set(off) <= set(on) and all(k.startswith("text_layers.0.") for k in set(on) - set(off))
+    with pytest.raises(ConfigError, match="text_layers"):
+        UNet(UNetConfig(channels=16, heads=3, channel_mult=[1], attn_levels=[], text_layers=1), text_dim=32, pooled_dim=8)
 
 
 def test_unet_ctx_dim_projects_the_caption_once_for_every_block():

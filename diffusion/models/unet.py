@@ -10,7 +10,10 @@ Design, chosen for speed on small images and CPUs:
 - at the levels in ``attn_levels``: self-attention over positions and cross-attention to the
   per-token caption states (with their padding mask), then a small MLP; with ``ctx_dim`` the
   caption states are projected once, to that width, for every block's keys and values (at 16px
-  those projections were a sixth of the forward FLOPs: 16 tokens x 256 wide, in each of 7 blocks).
+  those projections were a sixth of the forward FLOPs: 16 tokens x 256 wide, in each of 7 blocks);
+- with ``text_layers`` N, N small transformer layers over the caption tokens (``TextLayer``) run
+  once a forward, before any cross-attention reads them: the embed stage's word vectors are
+  context-free, and these give each word a state that depends on the rest of its caption.
 
 ``set_grad_checkpointing(True)`` (``train.grad_checkpointing``) keeps, while gradients are being
 recorded, only the inputs of each level block (a ResBlock and its TransformerBlock, the skip
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.config import UNetConfig
+from diffusion.errors import ConfigError
 
 
 @dataclass
@@ -155,6 +159,23 @@ class TransformerBlock(nn.Module):
         return x + t.transpose(1, 2).reshape(b, c, h, w)
 
 
+class TextLayer(nn.Module):
+    """A pre-LN transformer layer over the caption tokens (B, L, D): self-attention under the
+    padding mask (a padded token changes no real token's state), then an MLP."""
+
+    def __init__(self, dim: int, heads: int, zero_init: bool = True, qk_norm: bool = False):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, dim, heads, zero_init, qk_norm)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        zero_(self.mlp[-1], zero_init)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        h = self.ln1(tokens)
+        tokens = tokens + self.attn(h, h, mask)
+        return tokens + self.mlp(self.ln2(tokens))
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig, text_dim: int, pooled_dim: int, in_channels: int = 3):
         super().__init__()
@@ -168,8 +189,13 @@ class UNet(nn.Module):
         # one projection of the caption tokens for every block (cfg.ctx_dim), or none
         self.ctx_proj = nn.Linear(text_dim, cfg.ctx_dim) if cfg.ctx_dim else nn.Identity()
         text_dim = cfg.ctx_dim or text_dim
-        self.stem = nn.Conv2d(in_channels * p * p, widths[0], 3, padding=1)
         z = cfg.zero_init  # zero each residual branch's last layer and the output (ADM) or not (diffusers)
+        if text_dim % cfg.heads and cfg.text_layers:
+            raise ConfigError(f"train.unet.text_layers: the caption width {text_dim} does not divide by "
+                              f"train.unet.heads {cfg.heads}; set train.unet.ctx_dim to a multiple of it")
+        self.text_layers = nn.ModuleList([TextLayer(text_dim, cfg.heads, z, cfg.qk_norm)
+                                          for _ in range(cfg.text_layers)])
+        self.stem = nn.Conv2d(in_channels * p * p, widths[0], 3, padding=1)
 
         def level_blocks(c_in: int, c_out: int, level: int) -> nn.ModuleList:
             mods = nn.ModuleList([ResBlock(c_in, c_out, emb_dim, cfg.dropout, z)])
@@ -222,7 +248,10 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, cond: Cond) -> Tensor:
         """x: (B, C, H, W); c_noise: (B,) timesteps; returns (B, C, H, W)."""
-        cond = Cond(self.ctx_proj(self.ctx_norm(cond.tokens)), cond.mask, cond.pooled)
+        tokens = self.ctx_proj(self.ctx_norm(cond.tokens))
+        for layer in self.text_layers:
+            tokens = layer(tokens, cond.mask)
+        cond = Cond(tokens, cond.mask, cond.pooled)
         emb = self.time_mlp(timestep_embedding(c_noise, self.cfg.channels)) + self.pooled_proj(cond.pooled)
         h = self.stem(F.pixel_unshuffle(x, self.cfg.patch))  # (B, C*p*p, H/p, W/p) -> widths[0]
         hs: list[list[Tensor]] = []
