@@ -741,6 +741,12 @@ def fmt_table(rows: list[dict], cuda: bool) -> str:
     return "\n".join(out)
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the project where it lies inside it, else as it is (a params file in /tmp)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="16,32", help="image sides in px, comma-separated (default: 16,32)")
@@ -830,7 +836,7 @@ def main() -> int:
               f"TF32 {'off' if args.no_tf32 else 'on'}; autocast {autocast_dtype(cfg, device)}")
     else:
         print("device: cpu (fp32, no MFU)")
-    print(f"run: preset {args.preset} ({params_file.relative_to(ROOT)}), batch {batch}, sizes {sizes}, "
+    print(f"run: preset {args.preset} ({shown(params_file)}), batch {batch}, sizes {sizes}, "
           f"{args.warmup} warmup + {rounds} round(s) of {args.steps} timed steps per model (median round), seed {args.seed}, "
           "ours via diffusion.training.train.build_state/train_step")
     if os.cpu_count() and load1 > os.cpu_count() / 2 and not cuda:
@@ -1012,7 +1018,7 @@ def main() -> int:
           f"settings {optim['settings'] or '(none)'}, {optim['torch_default_ms']:.1f} ms with PyTorch's default")
     for n in notes:
         print(f"note: {n}")
-    report = {"machine": machine, "args": vars(args), "preset": args.preset, "params_file": str(params_file.relative_to(ROOT)),
+    report = {"machine": machine, "args": vars(args), "preset": args.preset, "params_file": shown(params_file),
               "batch": batch, "train": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip,
                                         "ema_decay": cfg.ema_decay, "cond_dropout": cfg.cond_dropout,
                                         "timesteps": cfg.timesteps, "autocast": str(autocast_dtype(cfg, device))},
