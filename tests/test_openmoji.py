@@ -196,3 +196,4 @@ def test_the_presets_load_and_set_the_source():
         assert p.ingest.dedupe and p.train.prediction == "v" and p.train.loss_weighting == "none"
         assert p.train.timestep_sampling == "logit_normal" and p.train.unseen_words == 0 and not p.train.unet.zero_init
         assert p.train.unet.qk_norm  # SD3's QK-norm (docs/results.md, "OpenMoji at 32 px")
+        assert p.train.unet.text_layers == 1  # the caption refiner (docs/results.md, "OpenMoji at 32 px")
