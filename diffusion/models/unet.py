@@ -94,6 +94,13 @@ def zero_(layer: nn.Module, enabled: bool = True) -> None:
         nn.init.zeros_(layer.bias)
 
 
+def feed_forward(dim: int, zero_init: bool = True) -> nn.Sequential:
+    """The transformer blocks' MLP: 2x wide, GELU; its last layer zeroed with ``zero_init``."""
+    mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+    zero_(mlp[-1], zero_init)
+    return mlp
+
+
 class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, zero_init: bool = True):
         super().__init__()
@@ -146,8 +153,7 @@ class TransformerBlock(nn.Module):
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.self_attn = Attention(dim, dim, heads, zero_init, qk_norm)
         self.cross_attn = Attention(dim, ctx_dim, heads, zero_init, qk_norm)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        zero_(self.mlp[-1], zero_init)
+        self.mlp = feed_forward(dim, zero_init)
 
     def forward(self, x: Tensor, cond: Cond) -> Tensor:
         b, c, h, w = x.shape
@@ -167,8 +173,7 @@ class TextLayer(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = Attention(dim, dim, heads, zero_init, qk_norm)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        zero_(self.mlp[-1], zero_init)
+        self.mlp = feed_forward(dim, zero_init)
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         h = self.ln1(tokens)
